@@ -1,0 +1,1 @@
+"""Code generators: `llvm` for the host CPU, `cuda` for NVIDIA GPUs."""

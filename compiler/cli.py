@@ -1,0 +1,6 @@
+"""The `cnnc` command."""
+import click
+
+@click.group()
+def main() -> None:
+    """cnnc"""

@@ -1,0 +1,59 @@
+"""The errors cnnc raises for a user's mistakes.
+
+Every error a user can cause is one of these, with a message that names what is wrong and
+where, so that the command line can print it alone instead of a traceback.
+"""
+
+from __future__ import annotations
+
+
+class CnncError(Exception):
+    """Base class of every error cnnc raises on purpose."""
+
+
+class ModelError(CnncError, ValueError):
+    """A model file, its layers or its weights are wrong.
+
+    The message reads `FILE:LINE: layer 'NAME' (OP): what was expected`, leaving out the
+    parts that are not known (a graph built in Python has no file or line).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        line: int | None = None,
+        layer: str | None = None,
+        op: str | None = None,
+    ) -> None:
+        self.reason = message
+        self.file = file
+        self.line = line
+        self.layer = layer
+        self.op = op
+        super().__init__(self._format())
+
+    def _format(self) -> str:
+        where = ""
+        if self.file is not None:
+            where = self.file if self.line is None else f"{self.file}:{self.line}"
+        elif self.line is not None:
+            where = f"line {self.line}"
+        who = ""
+        if self.layer is not None:
+            who = f"layer '{self.layer}'" + (f" ({self.op})" if self.op else "")
+        prefix = ": ".join(part for part in (where, who) if part)
+        return f"{prefix}: {self.reason}" if prefix else self.reason
+
+
+class CompileError(CnncError):
+    """A backend failed to compile generated code; `log` holds what the tool said."""
+
+    def __init__(self, message: str, log: str = "") -> None:
+        self.log = log
+        super().__init__(message if not log else f"{message}\n{log}")
+
+
+class InputError(CnncError, ValueError):
+    """An array passed to a model at call time has the wrong rank, shape or type."""
