@@ -7,7 +7,8 @@ graph prints as one readable line per node and as Graphviz DOT. It knows nothing
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import networkx as nx
 import numpy as np

@@ -9,8 +9,9 @@ per sample: the batch dimension N is never part of them.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -210,7 +211,9 @@ def _conv_infer(attrs: Attrs, shapes: list[Shape]) -> Shape:
 
 def _conv_params(attrs: Attrs, shapes: list[Shape]) -> dict[str, Shape]:
     kh, kw = attrs["kernel_size"]
-    params = {"weight": (attrs["out_channels"], shapes[0][0] // attrs["groups"], kh, kw)}
+    params: dict[str, Shape] = {
+        "weight": (attrs["out_channels"], shapes[0][0] // attrs["groups"], kh, kw)
+    }
     if attrs["bias"]:
         params["bias"] = (attrs["out_channels"],)
     return params
@@ -253,7 +256,7 @@ def _dense_infer(attrs: Attrs, shapes: list[Shape]) -> Shape:
 
 
 def _dense_params(attrs: Attrs, shapes: list[Shape]) -> dict[str, Shape]:
-    params = {"weight": (attrs["units"], shapes[0][0])}
+    params: dict[str, Shape] = {"weight": (attrs["units"], shapes[0][0])}
     if attrs["bias"]:
         params["bias"] = (attrs["units"],)
     return params
@@ -308,7 +311,8 @@ def _pool_padding(x: np.ndarray, attrs: Attrs, out_hw: tuple[int, int]) -> tuple
 
 def maxpool_reference(attrs: Attrs, params: Params, xs: list[np.ndarray]) -> np.ndarray:
     x = xs[0]
-    out_hw = _pool_infer(attrs, [x.shape[1:]])[1:]
+    _, out_h, out_w = _pool_infer(attrs, [x.shape[1:]])
+    out_hw = (out_h, out_w)
     (top, bottom, extra_h), (left, right, extra_w) = _pool_padding(x, attrs, out_hw)
     pads = ((0, 0), (0, 0), (top, bottom + extra_h), (left, right + extra_w))
     padded = np.pad(x, pads, constant_values=-np.inf)
@@ -319,7 +323,8 @@ def avgpool_reference(attrs: Attrs, params: Params, xs: list[np.ndarray]) -> np.
     """Average pooling; the divisor counts padding only with `count_include_pad`, and never
     the part of a ceil-mode window that hangs past the padding (PyTorch's rule)."""
     x = xs[0]
-    out_hw = _pool_infer(attrs, [x.shape[1:]])[1:]
+    _, out_h, out_w = _pool_infer(attrs, [x.shape[1:]])
+    out_hw = (out_h, out_w)
     (top, bottom, extra_h), (left, right, extra_w) = _pool_padding(x, attrs, out_hw)
     pads = ((0, 0), (0, 0), (top, bottom + extra_h), (left, right + extra_w))
     sums = _pool_windows(np.pad(x, pads), attrs, out_hw).sum(axis=(4, 5))
@@ -365,9 +370,9 @@ def _softmax_reference(attrs: Attrs, params: Params, xs: list[np.ndarray]) -> np
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    # Written so that large negative inputs do not overflow exp.
-    with np.errstate(over="ignore"):
-        return np.where(x >= 0, 1 / (1 + np.exp(-x)), np.exp(x) / (1 + np.exp(x)))
+    # exp of -|x| never overflows, so neither branch warns for inputs of any size.
+    small = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + small), small / (1 + small))
 
 
 def _same_shapes(attrs: Attrs, shapes: list[Shape]) -> Shape:
@@ -426,10 +431,15 @@ OPS: dict[str, OpSpec] = {
         ),
         OpSpec(
             "dense", "anchor",
-            attrs=(Attr("units", "int", help="the number of outputs"), Attr("bias", "bool", default=True)),
+            attrs=(
+                Attr("units", "int", help="the number of outputs"),
+                Attr("bias", "bool", default=True),
+            ),
             infer=_dense_infer, param_shapes=_dense_params, compute=dense_reference,
         ),
-        OpSpec("maxpool2d", "window", attrs=_POOL_ATTRS, infer=_pool_infer, compute=maxpool_reference),
+        OpSpec(
+            "maxpool2d", "window", attrs=_POOL_ATTRS, infer=_pool_infer, compute=maxpool_reference
+        ),
         OpSpec(
             "avgpool2d", "window",
             attrs=(*_POOL_ATTRS, Attr("count_include_pad", "bool", default=True)),

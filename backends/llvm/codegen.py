@@ -1,0 +1,498 @@
+"""Kernel IR -> LLVM IR, with llvmlite.ir.
+
+Each kernel becomes an internal function over its buffers; a loop marked `vectorized` is
+emitted once with every lane-dependent value as an LLVM vector (outer-loop vectorisation: the
+loops inside it stay scalar loops of vector code). `exp` is a polynomial in IR so that vector
+code never calls the scalar libm. `cnnc_run_blocks` runs all kernels over a range of batch
+blocks; `<name>_forward` is the C entry point of an exported library.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+from llvmlite import ir
+
+from cnnc.kernel import (
+    Assign,
+    Bin,
+    Buffer,
+    Call,
+    Const,
+    Declare,
+    Expr,
+    For,
+    If,
+    Kernel,
+    Load,
+    Local,
+    Select,
+    Stmt,
+    Store,
+    Var,
+)
+
+F32 = ir.FloatType()
+I64 = ir.IntType(64)
+I32 = ir.IntType(32)
+I8 = ir.IntType(8)
+BOOL = ir.IntType(1)
+F32_PTR = F32.as_pointer()
+LANE = "lane"
+RUN_BLOCKS = "cnnc_run_blocks"
+
+# Signature of cnnc_run_blocks: input, output, batch, first block, end block, arena.
+RUN_BLOCKS_ARGS = (F32_PTR, F32_PTR, I64, I64, I64, F32_PTR)
+
+
+def lane_coefficient(expr: Expr) -> int | None:
+    """How an integer expression changes per lane: c in `base + c * lane`, None if not affine."""
+    if isinstance(expr, Var):
+        return 1 if expr.name == LANE else 0
+    if isinstance(expr, Const):
+        return 0
+    if isinstance(expr, Bin) and expr.op in ("+", "-", "*"):
+        left, right = lane_coefficient(expr.left), lane_coefficient(expr.right)
+        if left is None or right is None:
+            return None
+        if expr.op == "+":
+            return left + right
+        if expr.op == "-":
+            return left - right
+        if left == 0 and right == 0:
+            return 0
+        constant = expr.right if left else expr.left
+        if (left == 0 or right == 0) and isinstance(constant, Const):
+            return (left or right) * int(constant.value)
+        return None
+    if isinstance(expr, Bin):
+        left, right = lane_coefficient(expr.left), lane_coefficient(expr.right)
+        return 0 if left == 0 and right == 0 else None
+    return None
+
+
+def uses_lane(expr: Expr) -> bool:
+    if isinstance(expr, Var):
+        return expr.name == LANE
+    if isinstance(expr, (Bin,)):
+        return uses_lane(expr.left) or uses_lane(expr.right)
+    if isinstance(expr, Select):
+        return uses_lane(expr.cond) or uses_lane(expr.then) or uses_lane(expr.otherwise)
+    if isinstance(expr, (Load,)):
+        return uses_lane(expr.index)
+    if isinstance(expr, Call):
+        return uses_lane(expr.arg)
+    return False
+
+
+def can_vectorize(body: list[Stmt]) -> bool:
+    """Lanes may run as one vector when every branch is the same for all lanes and every
+    store writes consecutive lanes to consecutive addresses."""
+    for stmt in body:
+        if isinstance(stmt, If) and (uses_lane(stmt.cond) or not can_vectorize(stmt.body)):
+            return False
+        if isinstance(stmt, For) and not can_vectorize(stmt.body):
+            return False
+        if isinstance(stmt, Store) and lane_coefficient(stmt.index) != 1:
+            return False
+    return True
+
+
+class ModuleBuilder:
+    """One LLVM module holding the kernels of a model and its entry points."""
+
+    def __init__(self, name: str, triple: str = "", data_layout: str = "") -> None:
+        self.module = ir.Module(name=name)
+        if triple:
+            self.module.triple = triple
+        if data_layout:
+            self.module.data_layout = data_layout
+        self.functions: dict[str, ir.Function] = {}
+        self.comments: dict[str, str] = {}  # function name -> comment line above it
+        self._intrinsics: dict[str, ir.Function] = {}
+        self._exp: dict[int, ir.Function] = {}
+
+    # --- kernels -----------------------------------------------------------------------------
+
+    def add_kernel(self, kernel: Kernel) -> ir.Function:
+        arguments = kernel.arguments
+        fnty = ir.FunctionType(ir.VoidType(), [F32_PTR] * len(arguments) + [I64, I64])
+        function = ir.Function(self.module, fnty, name=kernel.name)
+        function.linkage = "internal"
+        for index, buffer in enumerate(arguments):
+            function.args[index].name = buffer.name
+            function.args[index].add_attribute("noalias")
+        function.args[-2].name = "block"
+        function.args[-1].name = "batch"
+        pointers = {buffer.name: function.args[index] for index, buffer in enumerate(arguments)}
+        for buffer in kernel.buffers:
+            if buffer.role == "param":
+                pointers[buffer.name] = self._constant(f"{kernel.name}.{buffer.name}", buffer)
+        _FunctionEmitter(self, function, pointers).emit(kernel.body)
+        self.functions[kernel.name] = function
+        layers = ", ".join(json.dumps(layer) for layer in kernel.layers)
+        self.comments[kernel.name] = f"; kernel {kernel.name}: layers {layers}; " \
+            f"schedule {kernel.schedule.describe()}"
+        return function
+
+    def _constant(self, name: str, buffer: Buffer) -> ir.Value:
+        """Parameters are embedded as raw bytes: fast to parse, exact to the bit."""
+        assert buffer.data is not None
+        raw = bytearray(buffer.data.astype("<f4").tobytes())
+        variable = ir.GlobalVariable(self.module, ir.ArrayType(I8, len(raw)), name=name)
+        variable.initializer = ir.Constant(ir.ArrayType(I8, len(raw)), raw)
+        variable.global_constant = True
+        variable.linkage = "internal"
+        variable.align = 64
+        return variable.bitcast(F32_PTR)
+
+    # --- entry points ------------------------------------------------------------------------
+
+    def add_run_blocks(self, launches: list[tuple[Kernel, list[Callable[[ir.IRBuilder, dict[str, ir.Value]], ir.Value]]]]) -> ir.Function:
+        """`cnnc_run_blocks(x, y, batch, first, end, arena)`: every kernel, block by block.
+
+        `launches` pairs each kernel with one function per argument that computes its pointer
+        from the entry's arguments (`x`, `y`, `arena`)."""
+        fnty = ir.FunctionType(I32, RUN_BLOCKS_ARGS)
+        function = ir.Function(self.module, fnty, name=RUN_BLOCKS)
+        names = ("x", "y", "batch", "first", "end", "arena")
+        for argument, name in zip(function.args, names):
+            argument.name = name
+        args = dict(zip(names, function.args))
+        builder = ir.IRBuilder(function.append_basic_block("entry"))
+        counter = builder.alloca(I64, name="block.ptr")
+        builder.store(args["first"], counter)
+        header = function.append_basic_block("blocks")
+        body = function.append_basic_block("block")
+        done = function.append_basic_block("done")
+        builder.branch(header)
+        builder.position_at_end(header)
+        block = builder.load(counter, name="block")
+        builder.cbranch(builder.icmp_signed("<", block, args["end"]), body, done)
+        builder.position_at_end(body)
+        for kernel, pointers in launches:
+            values = [pointer(builder, args) for pointer in pointers]
+            builder.call(self.functions[kernel.name], [*values, block, args["batch"]])
+        builder.store(builder.add(block, ir.Constant(I64, 1)), counter)
+        builder.branch(header)
+        builder.position_at_end(done)
+        builder.ret(ir.Constant(I32, 0))
+        return function
+
+    def add_forward(self, name: str, arena_floats: int, lanes: int) -> ir.Function:
+        """`int NAME_forward(const float *input, float *output, int64_t batch)`: allocates
+        the arena, runs every block on the calling thread; returns 0, or 1 when out of memory
+        or when batch is negative."""
+        malloc = ir.Function(self.module, ir.FunctionType(I8.as_pointer(), [I64]), name="malloc")
+        free = ir.Function(self.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer()]),
+                           name="free")
+        fnty = ir.FunctionType(I32, [F32_PTR, F32_PTR, I64])
+        function = ir.Function(self.module, fnty, name=f"{name}_forward")
+        x, y, batch = function.args
+        builder = ir.IRBuilder(function.append_basic_block("entry"))
+        bad = function.append_basic_block("bad")
+        run = function.append_basic_block("run")
+        builder.cbranch(builder.icmp_signed("<", batch, ir.Constant(I64, 0)), bad, run)
+        builder.position_at_end(bad)
+        builder.ret(ir.Constant(I32, 1))
+        builder.position_at_end(run)
+        raw = builder.call(malloc, [ir.Constant(I64, max(arena_floats, 1) * 4)])
+        is_null = builder.icmp_unsigned("==", raw, ir.Constant(I8.as_pointer(), None))
+        ok = function.append_basic_block("ok")
+        builder.cbranch(is_null, bad, ok)
+        builder.position_at_end(ok)
+        blocks = builder.sdiv(builder.add(batch, ir.Constant(I64, lanes - 1)),
+                              ir.Constant(I64, lanes))
+        arena = builder.bitcast(raw, F32_PTR)
+        status = builder.call(self.functions[RUN_BLOCKS] if RUN_BLOCKS in self.functions
+                              else self.module.get_global(RUN_BLOCKS),
+                              [x, y, batch, ir.Constant(I64, 0), blocks, arena])
+        builder.call(free, [raw])
+        builder.ret(status)
+        return function
+
+    def text(self) -> str:
+        """The module as LLVM assembly, each kernel preceded by a comment naming its layers."""
+        lines = []
+        for line in str(self.module).splitlines():
+            if line.startswith("define "):
+                name = line.split("@", 1)[1].split("(", 1)[0].strip('"')
+                if name in self.comments:
+                    lines.append(self.comments[name])
+            lines.append(line)
+        return "\n".join(lines) + "\n"
+
+    # --- math --------------------------------------------------------------------------------
+
+    def intrinsic(self, name: str, type_: ir.Type, arity: int) -> ir.Function:
+        suffix = f"v{type_.count}f32" if isinstance(type_, ir.VectorType) else "f32"
+        full = f"{name}.{suffix}"
+        if full not in self._intrinsics:
+            fnty = ir.FunctionType(type_, [type_] * arity)
+            self._intrinsics[full] = ir.Function(self.module, fnty, name=full)
+        return self._intrinsics[full]
+
+    def exp(self, type_: ir.Type) -> ir.Function:
+        """exp as a Cephes-style polynomial: range reduction by ln 2, a degree-5 polynomial,
+        and the exponent built in the bits. About 2 ulp; NaN in, NaN out."""
+        width = type_.count if isinstance(type_, ir.VectorType) else 1
+        if width in self._exp:
+            return self._exp[width]
+        function = ir.Function(self.module, ir.FunctionType(type_, [type_]),
+                               name=f"cnnc.exp.{width}")
+        function.linkage = "internal"
+        function.attributes.add("alwaysinline")
+        builder = ir.IRBuilder(function.append_basic_block("entry"))
+        (x,) = function.args
+
+        def const(value: float) -> ir.Value:
+            return _splat_constant(F32, value, width)
+
+        def fma(a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Value:
+            return builder.call(self.intrinsic("llvm.fmuladd", type_, 3), [a, b, c])
+
+        clamped = builder.call(self.intrinsic("llvm.minimum", type_, 2), [x, const(88.3)])
+        clamped = builder.call(self.intrinsic("llvm.maximum", type_, 2), [clamped, const(-87.3)])
+        whole = builder.call(self.intrinsic("llvm.floor", type_, 1),
+                             [fma(clamped, const(1.44269504088896341), const(0.5))])
+        reduced = fma(whole, const(-0.693359375), clamped)
+        reduced = fma(whole, const(2.12194440e-4), reduced)
+        poly = const(1.9875691500e-4)
+        for coefficient in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+                            1.6666665459e-1, 5.0000001201e-1):
+            poly = fma(poly, reduced, const(coefficient))
+        squared = builder.fmul(reduced, reduced)
+        poly = fma(poly, squared, builder.fadd(reduced, const(1.0)))
+        int_type = ir.VectorType(I32, width) if width > 1 else I32
+        exponent = builder.fptosi(whole, int_type)
+        exponent = builder.add(exponent, _splat_constant(I32, 127, width))
+        exponent = builder.shl(exponent, _splat_constant(I32, 23, width))
+        scale = builder.bitcast(exponent, type_)
+        result = builder.fmul(poly, scale)
+        is_nan = builder.fcmp_unordered("uno", x, x)
+        builder.ret(builder.select(is_nan, x, result))
+        self._exp[width] = function
+        return function
+
+
+def _splat_constant(type_: ir.Type, value: float | int, width: int) -> ir.Constant:
+    if width == 1:
+        return ir.Constant(type_, value)
+    return ir.Constant(ir.VectorType(type_, width), [value] * width)
+
+
+class _FunctionEmitter:
+    """Emits one kernel body. Inside a vectorised lane loop, `self.width` is its width and
+    values that depend on the lane are vectors."""
+
+    def __init__(self, owner: ModuleBuilder, function: ir.Function,
+                 pointers: dict[str, ir.Value]) -> None:
+        self.owner = owner
+        self.function = function
+        self.pointers = pointers
+        entry = function.append_basic_block("entry")
+        self.allocas = ir.IRBuilder(entry)
+        self.builder = ir.IRBuilder(function.append_basic_block("body"))
+        self.vars: dict[str, ir.Value] = {}
+        self.locals: dict[str, ir.Value] = {}
+        self.width = 0
+        self.scalar_lane = False  # emit lane-dependent expressions for lane 0 only
+
+    def emit(self, body: list[Stmt]) -> None:
+        self.block(body)
+        self.builder.ret_void()
+        self.allocas.branch(self.function.blocks[1])
+
+    def block(self, body: list[Stmt]) -> None:
+        for stmt in body:
+            if isinstance(stmt, For):
+                self.loop(stmt)
+            elif isinstance(stmt, Store):
+                self.store(stmt)
+            elif isinstance(stmt, Declare):
+                self.declare(stmt)
+            elif isinstance(stmt, Assign):
+                value = self.value(stmt.value)
+                target = self.locals[stmt.local]
+                self.builder.store(self.fit(value, target.type.pointee), target)
+            elif isinstance(stmt, If):
+                with self.builder.if_then(self.value(stmt.cond)):
+                    self.block(stmt.body)
+            else:
+                raise TypeError(f"cannot emit {stmt!r}")
+
+    def loop(self, stmt: For) -> None:
+        if stmt.kind == "vectorized" and not self.width and stmt.extent > 1 and \
+                can_vectorize(stmt.body):
+            self.width = stmt.extent
+            self.block(stmt.body)
+            self.width = 0
+            return
+        if stmt.kind == "unrolled" or stmt.extent == 1:
+            for value in range(stmt.extent):
+                self.vars[stmt.var] = ir.Constant(I64, value)
+                self.block(stmt.body)
+            return
+        counter = self.allocas.alloca(I64, name=f"{stmt.var}.ptr")
+        self.builder.store(ir.Constant(I64, 0), counter)
+        header = self.function.append_basic_block(f"{stmt.var}.head")
+        body = self.function.append_basic_block(f"{stmt.var}.body")
+        done = self.function.append_basic_block(f"{stmt.var}.done")
+        self.builder.branch(header)
+        self.builder.position_at_end(header)
+        current = self.builder.load(counter, name=stmt.var)
+        self.builder.cbranch(self.builder.icmp_signed("<", current, ir.Constant(I64, stmt.extent)),
+                             body, done)
+        self.builder.position_at_end(body)
+        self.vars[stmt.var] = current
+        self.block(stmt.body)
+        self.builder.store(self.builder.add(current, ir.Constant(I64, 1)), counter)
+        self.builder.branch(header)
+        self.builder.position_at_end(done)
+
+    def declare(self, stmt: Declare) -> None:
+        if stmt.local not in self.locals:
+            type_ = ir.VectorType(F32, self.width) if self.width else F32
+            self.locals[stmt.local] = self.allocas.alloca(type_, name=stmt.local)
+        target = self.locals[stmt.local]
+        self.builder.store(self.fit(self.value(stmt.init), target.type.pointee), target)
+
+    # --- memory ------------------------------------------------------------------------------
+
+    def address(self, buffer: str, index: Expr) -> tuple[ir.Value, bool]:
+        """The address of `buffer[index]` and whether it is the first of `width` consecutive
+        lanes (else the index is the same for every lane, or not affine)."""
+        coefficient = lane_coefficient(index) if self.width else 0
+        if coefficient == 1:
+            self.scalar_lane = True
+            offset = self.value(index)
+            self.scalar_lane = False
+            return self.builder.gep(self.pointers[buffer], [offset]), True
+        if coefficient == 0:
+            return self.builder.gep(self.pointers[buffer], [self.value(index)]), False
+        raise _NotAffine()
+
+    def load(self, expr: Load) -> ir.Value:
+        try:
+            address, consecutive = self.address(expr.buffer, expr.index)
+        except _NotAffine:
+            return self.gather(expr)
+        if consecutive:
+            vector = ir.VectorType(F32, self.width)
+            return self.builder.load(self.builder.bitcast(address, vector.as_pointer()), align=4)
+        return self.builder.load(address)
+
+    def gather(self, expr: Load) -> ir.Value:
+        """Lane by lane, for the rare index that is not affine in the lane."""
+        indices = self.value(expr.index)
+        result: ir.Value = ir.Constant(ir.VectorType(F32, self.width), None)
+        for lane in range(self.width):
+            index = self.builder.extract_element(indices, ir.Constant(I32, lane))
+            element = self.builder.load(self.builder.gep(self.pointers[expr.buffer], [index]))
+            result = self.builder.insert_element(result, element, ir.Constant(I32, lane))
+        return result
+
+    def store(self, stmt: Store) -> None:
+        value = self.value(stmt.value)
+        address, consecutive = self.address(stmt.buffer, stmt.index)
+        if consecutive:
+            vector = ir.VectorType(F32, self.width)
+            self.builder.store(self.fit(value, vector),
+                               self.builder.bitcast(address, vector.as_pointer()), align=4)
+        else:
+            self.builder.store(value, address)
+
+    # --- values ------------------------------------------------------------------------------
+
+    def fit(self, value: ir.Value, type_: ir.Type) -> ir.Value:
+        """`value` broadcast to `type_` when a scalar meets a vector."""
+        if isinstance(type_, ir.VectorType) and not isinstance(value.type, ir.VectorType):
+            undef = ir.Constant(type_, None)
+            first = self.builder.insert_element(undef, value, ir.Constant(I32, 0))
+            mask = ir.Constant(ir.VectorType(I32, type_.count), [0] * type_.count)
+            return self.builder.shuffle_vector(first, undef, mask)
+        return value
+
+    def pair(self, expr: Bin) -> tuple[ir.Value, ir.Value]:
+        left, right = self.value(expr.left), self.value(expr.right)
+        if isinstance(left.type, ir.VectorType):
+            right = self.fit(right, left.type)
+        elif isinstance(right.type, ir.VectorType):
+            left = self.fit(left, right.type)
+        return left, right
+
+    def value(self, expr: Expr) -> ir.Value:
+        builder = self.builder
+        if isinstance(expr, Const):
+            if isinstance(expr.value, float):
+                return ir.Constant(F32, expr.value)
+            return ir.Constant(I64, expr.value)
+        if isinstance(expr, Var):
+            if expr.name == LANE and self.width:
+                if self.scalar_lane:
+                    return ir.Constant(I64, 0)
+                return ir.Constant(ir.VectorType(I64, self.width), list(range(self.width)))
+            if expr.name == LANE and LANE not in self.vars:
+                return ir.Constant(I64, 0)
+            if expr.name in ("block", "batch") and expr.name not in self.vars:
+                return self.function.args[-2 if expr.name == "block" else -1]
+            return self.vars[expr.name]
+        if isinstance(expr, Local):
+            return builder.load(self.locals[expr.name])
+        if isinstance(expr, Load):
+            return self.load(expr)
+        if isinstance(expr, Call):
+            argument = self.value(expr.arg)
+            if expr.fn == "exp":
+                return builder.call(self.owner.exp(argument.type), [argument])
+            raise ValueError(f"unknown function {expr.fn}")
+        if isinstance(expr, Select):
+            cond = self.value(expr.cond)
+            then, otherwise = self.pair(Bin("+", expr.then, expr.otherwise))
+            return builder.select(cond, then, otherwise)
+        if isinstance(expr, Bin):
+            return self.binary(expr)
+        raise TypeError(f"cannot emit {expr!r}")
+
+    def binary(self, expr: Bin) -> ir.Value:
+        builder = self.builder
+        # acc + a * b becomes one fused multiply-add where the target has it.
+        if expr.op == "+" and isinstance(expr.right, Bin) and expr.right.op == "*":
+            accumulator = self.value(expr.left)
+            if _is_float(accumulator.type):
+                left, right = self.pair(expr.right)
+                type_ = left.type
+                if isinstance(accumulator.type, ir.VectorType) or isinstance(type_, ir.VectorType):
+                    type_ = accumulator.type if isinstance(accumulator.type, ir.VectorType) \
+                        else type_
+                    left, right = self.fit(left, type_), self.fit(right, type_)
+                    accumulator = self.fit(accumulator, type_)
+                fmuladd = self.owner.intrinsic("llvm.fmuladd", type_, 3)
+                return builder.call(fmuladd, [left, right, accumulator])
+        left, right = self.pair(expr)
+        if expr.op == "and":
+            return builder.and_(left, right)
+        if _is_float(left.type):
+            if expr.op == "max":
+                return builder.call(self.owner.intrinsic("llvm.maximum", left.type, 2),
+                                    [left, right])
+            operation = {"+": builder.fadd, "-": builder.fsub, "*": builder.fmul,
+                         "/": builder.fdiv}[expr.op]
+            return operation(left, right)
+        if expr.op in ("<", "<="):
+            return builder.icmp_signed(expr.op, left, right)
+        if expr.op == "max":
+            return builder.select(builder.icmp_signed(">", left, right), left, right)
+        operation = {"+": builder.add, "-": builder.sub, "*": builder.mul,
+                     "//": builder.sdiv}[expr.op]
+        return operation(left, right)
+
+
+def _is_float(type_: ir.Type) -> bool:
+    return isinstance(type_, ir.FloatType) or (
+        isinstance(type_, ir.VectorType) and isinstance(type_.element, ir.FloatType))
+
+
+class _NotAffine(Exception):
+    pass

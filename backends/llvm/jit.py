@@ -1,0 +1,126 @@
+"""LLVM for the host CPU: build a model's module, optimise it, JIT it with MCJIT, emit objects.
+
+The target machine is made for the host CPU's name and features (AVX-512 on our machines) and
+the module goes through llvmlite's new pass manager at O3. Object code can be handed back to
+the engine from the compile cache, which skips optimisation and code generation.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import llvmlite
+import llvmlite.binding as llvm
+from llvmlite import ir
+
+from cnnc.backends.llvm.codegen import RUN_BLOCKS, ModuleBuilder
+from cnnc.kernel import Kernel
+from cnnc.lower import USER_INPUT, USER_OUTPUT, LoweredModel
+
+_LOCK = threading.Lock()
+_READY = False
+
+
+def _initialise() -> None:
+    global _READY
+    with _LOCK:
+        if not _READY:
+            llvm.initialize_native_target()
+            llvm.initialize_native_asmprinter()
+            _READY = True
+
+
+@dataclass(frozen=True)
+class HostTarget:
+    triple: str
+    cpu: str
+    features: str
+
+    def describe(self) -> str:
+        return f"{self.triple} {self.cpu} llvmlite-{llvmlite.__version__}"
+
+
+def host() -> HostTarget:
+    _initialise()
+    return HostTarget(llvm.get_process_triple(), llvm.get_host_cpu_name(),
+                      llvm.get_host_cpu_features().flatten())
+
+
+def target_machine(shared_library: bool = False) -> llvm.TargetMachine:
+    """A target machine for this CPU; position-independent code for a shared library."""
+    machine = host()
+    target = llvm.Target.from_triple(machine.triple)
+    return target.create_target_machine(cpu=machine.cpu, features=machine.features, opt=3,
+                                        reloc="pic" if shared_library else "default",
+                                        codemodel="default" if shared_library else "jitdefault")
+
+
+def build_module(name: str, lowered: LoweredModel, offsets: dict[str, int]) -> ModuleBuilder:
+    """The LLVM module of a lowered model: its kernels and `cnnc_run_blocks`."""
+    machine = target_machine()
+    builder = ModuleBuilder(name, machine.triple, str(machine.target_data))
+    launches = []
+    for kernel in lowered.kernels:
+        builder.add_kernel(kernel)
+        launches.append((kernel, [_pointer(lowered.bindings[kernel.name][buffer.name], offsets)
+                                  for buffer in kernel.arguments]))
+    builder.add_run_blocks(launches)
+    return builder
+
+
+def _pointer(binding: str, offsets: dict[str, int]):  # type: ignore[no-untyped-def]
+    """How a launch finds one argument: the user's arrays, or a place in the arena."""
+    if binding == USER_INPUT:
+        return lambda builder, args: args["x"]
+    if binding == USER_OUTPUT:
+        return lambda builder, args: args["y"]
+    offset = offsets[binding]
+    return lambda builder, args: builder.gep(args["arena"], [ir.Constant(ir.IntType(64), offset)])
+
+
+def optimise(text: str, shared_library: bool = False) -> llvm.ModuleRef:
+    """Parse LLVM assembly, verify it and optimise it at O3 for the host CPU."""
+    _initialise()
+    module = llvm.parse_assembly(text)
+    module.verify()
+    machine = target_machine(shared_library)
+    tuning = llvm.create_pipeline_tuning_options(speed_level=3)
+    tuning.loop_vectorization = True
+    tuning.slp_vectorization = True
+    tuning.loop_unrolling = True
+    passes = llvm.create_pass_builder(machine, tuning)
+    passes.getModulePassManager().run(module, passes)
+    return module
+
+
+def emit_object(module: llvm.ModuleRef, shared_library: bool = False) -> bytes:
+    return bytes(target_machine(shared_library).emit_object(module))
+
+
+def emit_assembly(module: llvm.ModuleRef) -> str:
+    return str(target_machine().emit_assembly(module))
+
+
+class JitLibrary:
+    """Object code loaded into an MCJIT engine; `address(name)` finds a function in it."""
+
+    def __init__(self, obj: bytes) -> None:
+        _initialise()
+        self.engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), target_machine())
+        self.engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
+        self.engine.finalize_object()
+
+    def address(self, name: str = RUN_BLOCKS) -> int:
+        address = int(self.engine.get_function_address(name))
+        if not address:
+            raise RuntimeError(f"symbol {name} not found in the compiled code")
+        return address
+
+
+def kernel_names(lowered: LoweredModel) -> list[str]:
+    return [kernel.name for kernel in lowered.kernels]
+
+
+__all__ = ["HostTarget", "JitLibrary", "Kernel", "build_module", "emit_assembly", "emit_object",
+           "host", "optimise"]

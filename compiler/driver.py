@@ -1,0 +1,265 @@
+"""`cnnc.compile`: a model in, a compiled model out, called on NumPy arrays.
+
+The driver runs the pass pipeline, lowers the groups to kernels, asks the backend for code
+(or takes it from the compile cache) and wraps it in a `CompiledModel`. Inputs are checked
+here, in Python, before any native code runs: a kernel never sees a buffer of the wrong size.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import os
+import queue
+import re
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnnc import cache
+from cnnc.errors import CompileError, InputError
+from cnnc.frontend import load
+from cnnc.graph import Graph
+from cnnc.lower import LoweredModel, lower
+from cnnc.passes import Options, groups_of, memory_of, run_pipeline
+from cnnc.passes.plan_memory import MemoryPlan
+from cnnc.reference import check_input
+from cnnc.version import __version__
+
+TARGETS = ("llvm",)
+EMIT_KINDS = ("ll", "asm", "obj", "so")
+_RUN_BLOCKS = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                               ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p)
+
+
+def read_schedules(source: str | Path | dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Schedule overrides: a dict, a JSON object {kernel: {field: value}} or JSON lines
+    {"kernel": name, "schedule": {...}} (what `cnnc tune` writes). "*" applies to all."""
+    if source is None:
+        return {}
+    if isinstance(source, dict):
+        return {str(name): dict(fields) for name, fields in source.items()}
+    text = Path(source).read_text()
+    try:
+        data = json.loads(text)
+        if isinstance(data, dict):
+            return {str(name): dict(fields) for name, fields in data.items()}
+    except json.JSONDecodeError:
+        pass
+    schedules: dict[str, dict[str, Any]] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+                schedules[record["kernel"]] = dict(record["schedule"])
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(f"{source}:{number}: not a schedule record: {error}") from None
+    return schedules
+
+
+def compile(  # noqa: A001 - the public name the users asked for
+    model: str | Path | Graph,
+    target: str = "llvm",
+    fuse: bool = True,
+    threads: int | None = None,
+    schedule: str | Path | dict[str, Any] | None = None,
+    disable_passes: tuple[str, ...] = (),
+    dump_ir: str | Path | None = None,
+    use_cache: bool = True,
+) -> CompiledModel:
+    """Compile `model` (a path or a Graph) for `target`; returns a callable model."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; targets: {', '.join(TARGETS)}")
+    graph = model if isinstance(model, Graph) else load(model)
+    options = Options(target=target, fuse=fuse, schedules=read_schedules(schedule))
+    dump_dir = Path(dump_ir) if dump_ir is not None else None
+    compiled = run_pipeline(graph, options, disable_passes, dump_dir)
+    lowered = lower(compiled)
+    if dump_dir is not None:
+        text = "\n\n".join(kernel.to_text() for kernel in lowered.kernels)
+        (dump_dir / "99_kernels.txt").write_text(text + "\n")
+    return CompiledModel(graph, compiled, lowered, memory_of(compiled, options), threads,
+                         use_cache)
+
+
+class CompiledModel:
+    """A model compiled for the host CPU. Call it on a float array (N, C, H, W)."""
+
+    def __init__(self, graph: Graph, compiled: Graph, lowered: LoweredModel, memory: MemoryPlan,
+                 threads: int | None, use_cache: bool) -> None:
+        from cnnc.backends.llvm import jit
+
+        self.graph = graph
+        self.name = graph.name
+        self.lowered = lowered
+        self.memory = memory
+        self.lanes = lowered.lanes
+        self.threads = max(1, threads or os.cpu_count() or 1)
+        self.kernels = [group.name for group in groups_of(compiled)]
+        self.output_shapes = [graph.shape(name) for name in graph.outputs]
+        self._module = jit.build_module(_c_name(graph.name), lowered, memory.offsets)
+        self._ll = self._module.text()
+        self._key = cache.key_of(self._ll, jit.host().describe(), __version__)
+        obj = cache.load(self._key) if use_cache else None
+        self.cache_hit = obj is not None
+        if obj is None:
+            try:
+                obj = jit.emit_object(jit.optimise(self._ll))
+            except RuntimeError as error:
+                raise CompileError("LLVM failed to compile the generated code", str(error)) \
+                    from None
+            if use_cache:
+                cache.store(self._key, obj)
+        self._library = jit.JitLibrary(obj)
+        self._run_blocks = _RUN_BLOCKS(self._library.address())
+        self._arenas: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
+        self._pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
+        self._output_sizes = [math.prod(shape) for shape in self.output_shapes]
+
+    # --- running -----------------------------------------------------------------------------
+
+    def __call__(self, x: Any) -> np.ndarray | tuple[np.ndarray, ...]:
+        array = check_input(self.graph, x)
+        batch = len(array)
+        total = sum(self._output_sizes)
+        output = np.empty(batch * total, np.float32)
+        blocks = -(-batch // self.lanes)
+        workers = min(self.threads, blocks)
+        if workers:
+            bounds = [blocks * part // workers for part in range(workers + 1)]
+            ranges = list(zip(bounds[:-1], bounds[1:]))
+            if workers == 1 or self._pool is None:
+                self._run(array, output, batch, *ranges[0])
+            else:
+                futures = [self._pool.submit(self._run, array, output, batch, first, end)
+                           for first, end in ranges[1:]]
+                self._run(array, output, batch, *ranges[0])
+                for future in futures:
+                    future.result()
+        outputs = []
+        start = 0
+        for size, shape in zip(self._output_sizes, self.output_shapes):
+            outputs.append(output[batch * start: batch * (start + size)].reshape(batch, *shape))
+            start += size
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def _run(self, array: np.ndarray, output: np.ndarray, batch: int, first: int,
+             end: int) -> None:
+        """Blocks [first, end) on this thread, with an arena no other call is using."""
+        try:
+            arena = self._arenas.get_nowait()
+        except queue.Empty:
+            arena = _aligned_floats(self.memory.floats)
+        try:
+            status = self._run_blocks(array.ctypes.data, output.ctypes.data, batch, first, end,
+                                      arena.ctypes.data)
+        finally:
+            self._arenas.put(arena)
+        if status != 0:
+            raise RuntimeError(f"model '{self.name}' failed with status {status}")
+
+    def memory_bytes(self, batch: int) -> int:
+        """Bytes of intermediate memory (all threads' arenas) used at batch size `batch`."""
+        if batch < 0:
+            raise InputError("batch must be >= 0")
+        workers = min(self.threads, -(-batch // self.lanes))
+        return workers * self.memory.bytes_per_block()
+
+    # --- reading the generated code ----------------------------------------------------------
+
+    def source(self, kind: str = "kernel") -> str:
+        """The generated code: "kernel" (the loop IR), "ll" (LLVM IR) or "asm"."""
+        from cnnc.backends.llvm import jit
+
+        if kind == "kernel":
+            return "\n\n".join(kernel.to_text() for kernel in self.lowered.kernels) + "\n"
+        if kind == "ll":
+            return self._ll
+        if kind == "asm":
+            return jit.emit_assembly(jit.optimise(self._ll))
+        raise ValueError(f"unknown source kind {kind!r}; kinds: kernel, ll, asm")
+
+    def export(self, directory: str | Path, emit: tuple[str, ...] = ("obj", "so")) -> list[Path]:
+        """Write `NAME.h` and the asked-for files of `emit` ("ll", "asm", "obj", "so") for use
+        without Python; the library's `NAME_forward` runs the model on the calling thread."""
+        from cnnc.backends.llvm import jit
+
+        unknown = set(emit) - set(EMIT_KINDS)
+        if unknown:
+            raise ValueError(f"unknown output kind {sorted(unknown)[0]!r}; kinds: "
+                             f"{', '.join(EMIT_KINDS)}")
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        name = _c_name(self.name)
+        module = jit.build_module(name, self.lowered, self.memory.offsets)
+        module.add_forward(name, self.memory.floats, self.lanes)
+        text = module.text()
+        optimised = jit.optimise(text, shared_library=True)
+        written = [out / f"{name}.h"]
+        written[0].write_text(self._header(name))
+        if "ll" in emit:
+            written.append(out / f"{name}.ll")
+            written[-1].write_text(text)
+        if "asm" in emit:
+            written.append(out / f"{name}.s")
+            written[-1].write_text(jit.emit_assembly(optimised))
+        if "obj" in emit or "so" in emit:
+            obj_path = out / f"{name}.o"
+            obj_path.write_bytes(jit.emit_object(optimised, shared_library=True))
+            written.append(obj_path)
+            if "so" in emit:
+                written.append(_link_shared(obj_path, out / f"{name}.so"))
+        return written
+
+    def _header(self, name: str) -> str:
+        guard = f"CNNC_{name.upper()}_H"
+        lines = [
+            f"/* {name}: generated by cnnc {__version__}. Weights are embedded. */",
+            f"#ifndef {guard}", f"#define {guard}", "#include <stdint.h>", "",
+            f"#define {name.upper()}_INPUT_SHAPE {{{', '.join(map(str, self.graph.input_shape))}}}",
+            f"#define {name.upper()}_INPUT_SIZE {math.prod(self.graph.input_shape)}",
+            f"#define {name.upper()}_OUTPUTS {len(self.output_shapes)}",
+        ]
+        for index, shape in enumerate(self.output_shapes):
+            lines.append(f"#define {name.upper()}_OUTPUT{index}_SHAPE "
+                         f"{{{', '.join(map(str, shape))}}}")
+            lines.append(f"#define {name.upper()}_OUTPUT{index}_SIZE {math.prod(shape)}")
+        lines += [
+            "",
+            "/* Runs the model on `batch` images in `input` (NCHW float32). `output` receives",
+            "   each output in turn, output k as batch x OUTPUTk_SIZE floats after the ones",
+            "   before it. Returns 0, or 1 when out of memory. Safe to call from many threads. */",
+            f"int {name}_forward(const float *input, float *output, int64_t batch);",
+            "", f"#endif /* {guard} */", "",
+        ]
+        return "\n".join(lines)
+
+
+def _aligned_floats(count: int) -> np.ndarray:
+    """A float32 array of `count` elements starting on a 64-byte boundary."""
+    raw = np.empty(count + 16, np.float32)
+    start = (-raw.ctypes.data % 64) // 4
+    return raw[start: start + count]
+
+
+def _c_name(name: str) -> str:
+    """A C identifier from a model name (which is free text)."""
+    cleaned = re.sub(r"\W", "_", name, flags=re.ASCII) or "model"
+    return cleaned if not cleaned[0].isdigit() else f"m_{cleaned}"
+
+
+def _link_shared(obj: Path, target: Path) -> Path:
+    compiler = os.environ.get("CC", "cc")
+    try:
+        subprocess.run([compiler, "-shared", "-o", str(target), str(obj)], check=True,
+                       capture_output=True, text=True)
+    except FileNotFoundError:
+        raise CompileError(f"no C compiler '{compiler}' to link {target.name}; "
+                           "set CC or emit 'obj' only") from None
+    except subprocess.CalledProcessError as error:
+        raise CompileError(f"linking {target.name} failed", error.stderr) from None
+    return target

@@ -1,0 +1,455 @@
+"""Lowering: every fused group becomes one kernel of the loop IR (`cnnc.kernel`).
+
+Lowering writes what a group computes at each output point: the producer (a convolution, a
+dense layer, or a load), the elementwise ops, the pooling window around it, and the store.
+The group's schedule only shapes the loops (lane width, register tile, unrolling). Buffers
+are per batch block in the layout `[C][H][W][lanes]`; kernels at the edges convert from and
+to the user's NCHW arrays. Names in the IR are generated, never taken from layer names.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cnnc import ops
+from cnnc.graph import INPUT, Graph
+from cnnc.kernel import (
+    Assign,
+    Bin,
+    Buffer,
+    Call,
+    Const,
+    Declare,
+    Expr,
+    For,
+    If,
+    Kernel,
+    Load,
+    Local,
+    Schedule,
+    Stmt,
+    Store,
+    Var,
+    all_of,
+    less,
+    maximum,
+)
+from cnnc.passes.fuse import Group, groups_of, tensor_of
+from cnnc.passes.layout import lanes_of
+
+LANE = Var("lane")
+BLOCK = Var("block")
+BATCH = Var("batch")
+USER_INPUT = "@input"  # bindings of the edge kernels to the user's arrays
+USER_OUTPUT = "@output"
+
+
+@dataclass
+class LoweredModel:
+    """The kernels in launch order and what their buffers are bound to."""
+
+    kernels: list[Kernel]
+    bindings: dict[str, dict[str, str]]  # kernel -> buffer -> tensor node (or @input/@output)
+    lanes: int
+    output_offsets: list[int] = field(default_factory=list)  # per output, floats per sample
+
+
+def lower(graph: Graph) -> LoweredModel:
+    lanes = lanes_of(graph)
+    model = LoweredModel([], {}, lanes)
+    pack = _pack_input(graph, lanes)
+    model.kernels.append(pack)
+    model.bindings[pack.name] = {"x": USER_INPUT, "packed": INPUT}
+    for group in groups_of(graph):
+        builder = _KernelBuilder(graph, group, lanes)
+        kernel = builder.build()
+        model.kernels.append(kernel)
+        model.bindings[kernel.name] = builder.bindings
+    offset = 0
+    for index, output in enumerate(graph.outputs):
+        unpack = _unpack_output(graph, output, index, offset, lanes)
+        model.kernels.append(unpack)
+        model.bindings[unpack.name] = {"packed": tensor_of(graph, output), "y": USER_OUTPUT}
+        model.output_offsets.append(offset)
+        offset += math.prod(graph.shape(output))
+    return model
+
+
+# --- edge kernels ----------------------------------------------------------------------------
+
+
+def _pack_input(graph: Graph, lanes: int) -> Kernel:
+    """User NCHW rows into one batch block; lanes past the batch are zero."""
+    size = math.prod(graph.input_shape)
+    image = BLOCK * lanes + LANE
+    element = Var("i")
+    body: list[Stmt] = [For("lane", lanes, [
+        If(less(image, BATCH), [For("i", size, [
+            Store("packed", element * lanes + LANE, Load("x", image * size + element))])]),
+        If(Bin("<=", BATCH, image), [For("i", size, [
+            Store("packed", element * lanes + LANE, Const(0.0))])]),
+    ], role="lane")]
+    buffers = [Buffer("x", size * lanes, "input"), Buffer("packed", size * lanes, "output")]
+    return Kernel("pack_input", [INPUT], buffers, body, Schedule(lanes=lanes), uses_batch=True)
+
+
+def _unpack_output(graph: Graph, output: str, index: int, offset: int, lanes: int) -> Kernel:
+    """One batch block of output `index` into the user's array; output k of a model with
+    several starts at batch * (sizes of the outputs before it)."""
+    size = math.prod(graph.shape(output))
+    image = BLOCK * lanes + LANE
+    element = Var("i")
+    target = BATCH * offset + image * size + element
+    body: list[Stmt] = [For("lane", lanes, [
+        If(less(image, BATCH), [For("i", size, [
+            Store("y", target, Load("packed", element * lanes + LANE))])]),
+    ], role="lane")]
+    buffers = [Buffer("packed", size * lanes, "input"), Buffer("y", size * lanes, "output")]
+    return Kernel(f"unpack_output_{index}", [output], buffers, body, Schedule(lanes=lanes),
+                  uses_batch=True)
+
+
+# --- fused kernels ---------------------------------------------------------------------------
+
+
+class _KernelBuilder:
+    """Builds the kernel of one group; keeps its buffers and fresh local names."""
+
+    def __init__(self, graph: Graph, group: Group, lanes: int) -> None:
+        self.graph = graph
+        self.group = group
+        self.lanes = lanes
+        self.schedule = group.schedule
+        self.buffers: list[Buffer] = []
+        self.bindings: dict[str, str] = {}
+        self.counter = 0
+
+    # buffers and names
+
+    def input_buffer(self, node: str) -> str:
+        tensor = tensor_of(self.graph, node)
+        for name, bound in self.bindings.items():
+            if bound == tensor:
+                return name
+        name = f"in{sum(1 for buffer in self.buffers if buffer.role == 'input')}"
+        size = math.prod(self.graph.shape(tensor)) * self.lanes
+        self.buffers.append(Buffer(name, size, "input"))
+        self.bindings[name] = tensor
+        return name
+
+    def param(self, data: np.ndarray) -> str:
+        name = f"p{sum(1 for buffer in self.buffers if buffer.role == 'param')}"
+        flat = np.ascontiguousarray(data, dtype=np.float32).ravel()
+        self.buffers.append(Buffer(name, flat.size, "param", flat))
+        return name
+
+    def fresh(self, stem: str) -> str:
+        self.counter += 1
+        return f"{stem}{self.counter}"
+
+    def index(self, node: str, coords: list[Expr]) -> Expr:
+        """Flat index of per-sample point `coords` of `node`'s tensor in the block layout."""
+        shape = self.graph.shape(node)
+        flat: Expr = coords[0]
+        for dim, coord in zip(shape[1:], coords[1:]):
+            flat = flat * dim + coord
+        return blocked(flat, self.lanes)
+
+    # the kernel
+
+    def build(self) -> Kernel:
+        group, graph = self.group, self.graph
+        producer_op = graph.op(group.producer)
+        if producer_op == "softmax":
+            body = self.softmax()
+        elif producer_op == "concat":
+            body = self.concat()
+        else:
+            body = self.pointwise()
+        self.buffers.append(Buffer("out", math.prod(graph.shape(group.output)) * self.lanes,
+                                   "output"))
+        self.bindings["out"] = group.output
+        return Kernel(group.name, list(group.nodes), self.buffers, body, self.schedule)
+
+    def pointwise(self) -> list[Stmt]:
+        """Loops over the output points, `oc_block` channels at a time; at each point the
+        lane loop computes producer -> elementwise -> window -> elementwise -> store."""
+        graph, group = self.graph, self.group
+        out_shape = graph.shape(group.output)
+        block = self.schedule.oc_block if graph.op(group.producer) in ("conv2d", "dense") else 1
+        if out_shape[0] % block:
+            block = 1
+        channel_block = Var("cb")
+        spatial = [Var("y"), Var("x")][: len(out_shape) - 1]
+        channels = [channel_block * block + j for j in range(block)]
+        outputs, inner = self.point_values(channels, spatial)
+        for channel, value in zip(channels, outputs):
+            inner.append(Store("out", self.index(group.output, [channel, *spatial]), value))
+        body: list[Stmt] = [For("lane", self.lanes, inner, "vectorized", role="lane")]
+        for var, extent in reversed(list(zip(spatial, out_shape[1:]))):
+            body = [For(var.name, extent, body, role="spatial")]
+        return [For("cb", out_shape[0] // block, body, role="channel")]
+
+    def point_values(self, channels: list[Expr], spatial: list[Expr]
+                     ) -> tuple[list[Expr], list[Stmt]]:
+        """Statements computing the group's output at `channels` x `spatial`, and the values."""
+        graph, group = self.graph, self.group
+        window = group.window
+        split = group.nodes.index(window) if window else len(group.nodes)
+        head, post = group.nodes[:split], group.nodes[split + 1:]
+        stmts: list[Stmt] = []
+        if window is None:
+            values = self.produce(head, channels, spatial, stmts)
+        else:
+            values = self.pool(window, head, channels, spatial, stmts)
+        return self.elementwise(post, values, channels, spatial, stmts), stmts
+
+    def produce(self, nodes: list[str], channels: list[Expr], spatial: list[Expr],
+                stmts: list[Stmt]) -> list[Expr]:
+        """The values of the last of `nodes` (a producer and elementwise ops) at the points."""
+        producer = nodes[0]
+        op = self.graph.op(producer)
+        if op == "conv2d":
+            values = self.conv2d(producer, channels, spatial, stmts)
+            rest = nodes[1:]
+        elif op == "dense":
+            values = self.dense(producer, channels, stmts)
+            rest = nodes[1:]
+        elif ops.OPS[op].kind == "window":
+            values = [Load(self.input_buffer(self.graph.operands(producer)[0]),
+                           self.index(producer, [channel, *spatial])) for channel in channels]
+            rest = nodes
+        else:  # an elementwise op reading its first operand
+            source = self.graph.operands(producer)[0]
+            values = [Load(self.input_buffer(source), self.index(source, [channel, *spatial]))
+                      for channel in channels]
+            rest = nodes
+        return self.elementwise(rest, values, channels, spatial, stmts)
+
+    def conv2d(self, node: str, channels: list[Expr], spatial: list[Expr],
+               stmts: list[Stmt]) -> list[Expr]:
+        graph = self.graph
+        attrs = graph.attrs(node)
+        params = graph.params(node)
+        source = graph.operands(node)[0]
+        in_channels, height, width = graph.shape(source)
+        out_channels = graph.shape(node)[0]
+        groups = attrs["groups"]
+        per_group_in, per_group_out = in_channels // groups, out_channels // groups
+        (kh, kw), (sh, sw), (dh, dw) = attrs["kernel_size"], attrs["stride"], attrs["dilation"]
+        (top, bottom), (left, right) = attrs["padding"]
+        weights = self.param(params["weight"])
+        bias = self.param(params["bias"]) if "bias" in params else None
+        source_buffer = self.input_buffer(source)
+
+        accumulators = [self.fresh("acc") for _ in channels]
+        for channel, acc in zip(channels, accumulators):
+            init: Expr = Load(bias, channel) if bias else Const(0.0)
+            stmts.append(Declare(acc, init))
+        ic, ky, kx = Var(self.fresh("ic")), Var(self.fresh("ky")), Var(self.fresh("kx"))
+        y, x = spatial
+        row = y * sh + ky * dh - top
+        col = x * sw + kx * dw - left
+        # The channel block never straddles a group: oc_block divides out_channels / groups
+        # or is 1, so the first channel of the block names the group of all of them.
+        group_index = _floordiv(channels[0], per_group_out) if groups > 1 else None
+        in_channel = ic if group_index is None else group_index * per_group_in + ic
+        pixel = self.fresh("v")
+        update: list[Stmt] = [Declare(pixel, Load(source_buffer,
+                                                  self.index(source, [in_channel, row, col])))]
+        for channel, acc in zip(channels, accumulators):
+            tap = ((channel * per_group_in + ic) * kh + ky) * kw + kx
+            update.append(Assign(acc, Local(acc) + Local(pixel) * Load(weights, tap)))
+        # Without padding the output size keeps every tap inside the input: no checks.
+        col_body = _guarded(update, _in_range(col, width) if left or right else None)
+        row_loop = [For(kx.name, kw, col_body, self._reduce_kind(kw), role="reduce")]
+        row_check = _in_range(row, height) if top or bottom else None
+        stmts.append(For(ic.name, per_group_in, [
+            For(ky.name, kh, _guarded(row_loop, row_check), self._reduce_kind(kh), role="reduce"),
+        ], role="reduce"))
+        return [Local(acc) for acc in accumulators]
+
+    def dense(self, node: str, channels: list[Expr], stmts: list[Stmt]) -> list[Expr]:
+        params = self.graph.params(node)
+        source = self.graph.operands(node)[0]
+        features = self.graph.shape(source)[0]
+        weights = self.param(params["weight"])
+        bias = self.param(params["bias"]) if "bias" in params else None
+        source_buffer = self.input_buffer(source)
+        accumulators = [self.fresh("acc") for _ in channels]
+        for channel, acc in zip(channels, accumulators):
+            stmts.append(Declare(acc, Load(bias, channel) if bias else Const(0.0)))
+        k = Var(self.fresh("k"))
+        pixel = self.fresh("v")
+        # The flattened input is the same memory as the 4-D tensor it views.
+        update: list[Stmt] = [Declare(pixel, Load(source_buffer, blocked(k, self.lanes)))]
+        for channel, acc in zip(channels, accumulators):
+            update.append(Assign(acc, Local(acc) + Local(pixel) * Load(weights, channel * features
+                                                                        + k)))
+        stmts.append(For(k.name, features, update, role="reduce"))
+        return [Local(acc) for acc in accumulators]
+
+    def pool(self, window: str, head: list[str], channels: list[Expr], spatial: list[Expr],
+             stmts: list[Stmt]) -> list[Expr]:
+        """Max or average over the window of the values `head` computes around each point."""
+        graph = self.graph
+        op = graph.op(window)
+        source = graph.operands(window)[0]
+        _, height, width = graph.shape(source)
+        if op == "global_avgpool2d":
+            attrs = {"kernel_size": (height, width), "stride": (1, 1),
+                     "padding": ((0, 0), (0, 0)), "count_include_pad": True}
+        else:
+            attrs = graph.attrs(window)
+        (kh, kw), (sh, sw) = attrs["kernel_size"], attrs["stride"]
+        (top, _), (left, _) = attrs["padding"]
+        is_max = op == "maxpool2d"
+        results = [self.fresh("pool") for _ in channels]
+        for result in results:
+            stmts.append(Declare(result, Const(-math.inf if is_max else 0.0)))
+        wy, wx = Var(self.fresh("wy")), Var(self.fresh("wx"))
+        y, x = spatial
+        row, col = y * sh + wy - top, x * sw + wx - left
+        inner: list[Stmt] = []
+        if head:
+            values = self.produce(head, channels, [row, col], inner)
+        else:
+            values = [Load(self.input_buffer(source), self.index(source, [channel, row, col]))
+                      for channel in channels]
+        for result, value in zip(results, values):
+            combined = maximum(Local(result), value) if is_max else Local(result) + value
+            inner.append(Assign(result, combined))
+        out_h, out_w = graph.shape(window)[1:]
+        may_leave = any(attrs["padding"][0]) or any(attrs["padding"][1]) or \
+            (out_h - 1) * sh + kh > height or (out_w - 1) * sw + kw > width
+        inner = _guarded(inner, all_of(_in_range(row, height), _in_range(col, width))
+                         if may_leave else None)
+        stmts.append(For(wy.name, kh, [For(wx.name, kw, inner, self._reduce_kind(kw),
+                                           role="window")],
+                         self._reduce_kind(kh), role="window"))
+        if is_max:
+            return [Local(result) for result in results]
+        divisor = _avg_divisors(attrs, height, width, out_h, out_w)
+        if np.all(divisor == divisor.flat[0]):
+            return [Local(result) / float(divisor.flat[0]) for result in results]
+        table = self.param(divisor.astype(np.float32))
+        return [Local(result) / Load(table, y * out_w + x) for result in results]
+
+    def elementwise(self, nodes: list[str], values: list[Expr], channels: list[Expr],
+                    spatial: list[Expr], stmts: list[Stmt]) -> list[Expr]:
+        """Apply the elementwise `nodes` in order; each result is kept in a local."""
+        for node in nodes:
+            op = self.graph.op(node)
+            updated: list[Expr] = []
+            for channel, value in zip(channels, values):
+                if op == "sigmoid":
+                    result = Const(1.0) / (Call("exp", Const(0.0) - value) + 1.0)
+                elif op == "relu":
+                    result = maximum(value, Const(0.0))
+                elif op == "tanh":
+                    # 1 - 2 / (e^2x + 1) saturates to +-1 instead of overflowing.
+                    result = Const(1.0) - Const(2.0) / (Call("exp", value * 2.0) + 1.0)
+                elif op == "batchnorm2d":
+                    scale, shift = ops.batchnorm_scale_shift(self.graph.attrs(node),
+                                                             self.graph.params(node))
+                    result = value * Load(self.param(scale), channel) + \
+                        Load(self.param(shift), channel)
+                elif op == "add":
+                    chain = self.group.nodes[self.group.nodes.index(node) - 1] \
+                        if node != self.group.producer else None
+                    result = value
+                    operands = self.graph.operands(node)
+                    skip = operands.index(chain) if chain in operands else 0
+                    for position, operand in enumerate(operands):
+                        if position != skip:
+                            result = result + Load(self.input_buffer(operand),
+                                                   self.index(operand, [channel, *spatial]))
+                else:
+                    raise NotImplementedError(f"no lowering for elementwise op {op}")
+                local = self.fresh("t")
+                stmts.append(Declare(local, result))
+                updated.append(Local(local))
+            values = updated
+        return values
+
+    def softmax(self) -> list[Stmt]:
+        """Softmax over channels at each point: max, sum of exponentials, then divide."""
+        node = self.group.producer
+        source = self.graph.operands(node)[0]
+        shape = self.graph.shape(node)
+        buffer = self.input_buffer(source)
+        spatial = [Var("y"), Var("x")][: len(shape) - 1]
+        channel = Var("c")
+        value = Load(buffer, self.index(source, [channel, *spatial]))
+        top, total = self.fresh("max"), self.fresh("sum")
+        inner: list[Stmt] = [
+            Declare(top, Const(-math.inf)),
+            For("c", shape[0], [Assign(top, maximum(Local(top), value))], role="reduce"),
+            Declare(total, Const(0.0)),
+            For("c", shape[0], [Assign(total, Local(total) + Call("exp", value - Local(top)))],
+                role="reduce"),
+            For("c", shape[0], [Store("out", self.index(node, [channel, *spatial]),
+                                      Call("exp", value - Local(top)) / Local(total))],
+                role="channel"),
+        ]
+        body: list[Stmt] = [For("lane", self.lanes, inner, "vectorized", role="lane")]
+        for var, extent in reversed(list(zip(spatial, shape[1:]))):
+            body = [For(var.name, extent, body, role="spatial")]
+        return body
+
+    def concat(self) -> list[Stmt]:
+        """Each operand is a contiguous run of channels in the block layout: copy the runs."""
+        node = self.group.producer
+        body: list[Stmt] = []
+        start = 0
+        for operand in self.graph.operands(node):
+            size = math.prod(self.graph.shape(operand))
+            buffer = self.input_buffer(operand)
+            element = Var(self.fresh("i"))
+            index = blocked(element, self.lanes)
+            body.append(For(element.name, size, [
+                For("lane", self.lanes, [Store("out", index + start * self.lanes,
+                                               Load(buffer, index))], "vectorized", role="lane"),
+            ], role="spatial"))
+            start += size
+        return body
+
+    def _reduce_kind(self, extent: int) -> str:
+        return "unrolled" if extent <= self.schedule.unroll_max else "serial"
+
+
+def blocked(flat: Expr, lanes: int) -> Expr:
+    """Index of element `flat` of the current lane's image in a `[...][lanes]` buffer."""
+    return flat * lanes + LANE if lanes > 1 else flat + LANE
+
+
+def _floordiv(expr: Expr, divisor: int) -> Expr:
+    return Bin("//", expr, Const(divisor))
+
+
+def _in_range(coord: Expr, size: int) -> Expr:
+    """0 <= coord < size."""
+    return Bin("and", less(Const(-1), coord), less(coord, size))
+
+
+def _guarded(body: list[Stmt], cond: Expr | None) -> list[Stmt]:
+    return body if cond is None else [If(cond, body)]
+
+
+def _avg_divisors(attrs: dict, height: int, width: int, out_h: int, out_w: int) -> np.ndarray:
+    """PyTorch's divisor of each average-pooling window: the window clipped to the padded
+    input (count_include_pad) or to the input itself."""
+    (kh, kw), (sh, sw) = attrs["kernel_size"], attrs["stride"]
+    (top, bottom), (left, right) = attrs["padding"]
+    divisors = np.zeros((out_h, out_w))
+    for oy in range(out_h):
+        for ox in range(out_w):
+            y0, x0 = oy * sh - top, ox * sw - left
+            y1, x1 = min(y0 + kh, height + bottom), min(x0 + kw, width + right)
+            if not attrs["count_include_pad"]:
+                y0, x0, y1, x1 = max(y0, 0), max(x0, 0), min(y1, height), min(x1, width)
+            divisors[oy, ox] = (y1 - y0) * (x1 - x0)
+    return divisors

@@ -1,0 +1,127 @@
+"""Group ops into kernels: a producer, the elementwise ops after it, a pooling, more
+elementwise ops. `conv -> sigmoid -> avgpool` becomes one kernel that never stores the
+full-size convolution output.
+
+A node joins the group of its operand only when nothing else reads that operand and the
+merge cannot create a cycle (torch.fx's partitioner rule). `flatten` is a view, not a kernel.
+The groups are stored on the graph (`graph.nx.graph["groups"]`) for the later passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+from cnnc import ops
+from cnnc.graph import INPUT, Graph
+from cnnc.kernel import Schedule
+from cnnc.passes.options import Options
+
+VIEWS = ("flatten",)
+
+
+@dataclass
+class Group:
+    """The ops of one kernel: `nodes[0]` produces, the rest apply to its result in order."""
+
+    nodes: list[str]
+    window: str | None = None  # the pooling node, if the group has one
+    name: str = ""
+    schedule: Schedule = field(default_factory=Schedule)
+
+    @property
+    def producer(self) -> str:
+        return self.nodes[0]
+
+    @property
+    def output(self) -> str:
+        return self.nodes[-1]
+
+
+def groups_of(graph: Graph) -> list[Group]:
+    """The groups the fuse pass chose, or one group per op when it did not run."""
+    if "groups" not in graph.nx.graph:
+        graph.nx.graph["groups"] = _name([
+            Group([name], window=name if ops.OPS[graph.op(name)].kind == "window" else None)
+            for name in graph.order() if name != INPUT and graph.op(name) not in VIEWS
+        ], graph)
+    groups: list[Group] = graph.nx.graph["groups"]
+    return groups
+
+
+def fuse(graph: Graph, options: Options) -> Graph:
+    if not options.fuse:
+        return graph
+    group_of: dict[str, Group] = {}
+    groups: list[Group] = []
+    for name in graph.order():
+        if name == INPUT or graph.op(name) in VIEWS:
+            continue
+        group = _joinable_group(graph, name, group_of)
+        if group is None:
+            kind = ops.OPS[graph.op(name)].kind
+            group = Group([name], window=name if kind == "window" else None)
+            groups.append(group)
+        else:
+            group.nodes.append(name)
+            if ops.OPS[graph.op(name)].kind == "window":
+                group.window = name
+        group_of[name] = group
+    graph.nx.graph["groups"] = _name(_in_launch_order(groups, group_of, graph), graph)
+    return graph
+
+
+def _in_launch_order(groups: list[Group], group_of: dict[str, Group], graph: Graph) -> list[Group]:
+    """Groups ordered so that each runs after the groups whose results it reads."""
+    index = {id(group): position for position, group in enumerate(groups)}
+    depends = nx.DiGraph()
+    depends.add_nodes_from(range(len(groups)))
+    for group in groups:
+        for node in group.nodes:
+            for operand in graph.operands(node):
+                source = group_of.get(tensor_of(graph, operand))
+                if source is not None and source is not group:
+                    depends.add_edge(index[id(source)], index[id(group)])
+    return [groups[position] for position in nx.lexicographical_topological_sort(depends)]
+
+
+def tensor_of(graph: Graph, name: str) -> str:
+    """The node whose stored result `name` is: views share their operand's memory."""
+    while name != INPUT and graph.op(name) in VIEWS:
+        name = graph.operands(name)[0]
+    return name
+
+
+def _joinable_group(graph: Graph, name: str, group_of: dict[str, Group]) -> Group | None:
+    """The group that `name` can join as its next op, or None."""
+    kind = ops.OPS[graph.op(name)].kind
+    if kind not in ("elementwise", "window"):
+        return None
+    operands = graph.operands(name)
+    for position, operand in enumerate(operands):
+        group = group_of.get(operand)
+        if group is None or group.output != operand:
+            continue
+        if ops.OPS[graph.op(group.producer)].kind == "opaque":
+            continue  # softmax and concat produce whole rows: they stay alone
+        if len(graph.users(operand)) != 1 or operand in graph.outputs:
+            continue  # someone else reads the value: it must be stored
+        if kind == "window" and (group.window is not None or position != 0):
+            continue  # one pooling per kernel
+        if operands.count(operand) > 1:
+            continue
+        others = [other for other in operands if other != operand]
+        # The other operands are read by the kernel, so they must exist before it runs:
+        # none may depend on the group's result, or the merge would make a cycle.
+        if any(nx.has_path(graph.nx, operand, other) for other in others):
+            continue
+        return group
+    return None
+
+
+def _name(groups: list[Group], graph: Graph) -> list[Group]:
+    """Kernel names say what they fuse: `conv2d_sigmoid_avgpool2d_0`."""
+    for index, group in enumerate(groups):
+        group.name = "_".join([*(graph.op(node) for node in group.nodes), str(index)])
+    return groups

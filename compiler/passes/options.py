@@ -1,0 +1,17 @@
+"""What a compilation was asked for, shared by every pass and the backends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Options:
+    """`target` is "llvm", "cuda" or "cuda-sim"; `schedules` maps a kernel name (or "*") to
+    Schedule fields that override what the tiling pass picks."""
+
+    target: str = "llvm"
+    fuse: bool = True
+    vector_width: int = 16  # float32 lanes of one vector register on the target
+    schedules: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -1,0 +1,82 @@
+"""Place the tensors between kernels in one arena, reusing memory whose value is dead.
+
+Offsets count floats within one batch block's arena; each thread has an arena of its own.
+A tensor lives from the kernel that writes it to the last kernel that reads it; the model's
+outputs live to the end. First fit over lifetimes, each tensor aligned to 64 bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from cnnc.graph import INPUT, Graph
+from cnnc.passes.fuse import groups_of, tensor_of
+from cnnc.passes.layout import lanes_of
+from cnnc.passes.options import Options
+
+ALIGN = 16  # floats: 64 bytes, one cache line and one AVX-512 vector
+
+
+@dataclass
+class MemoryPlan:
+    offsets: dict[str, int]  # tensor node -> float offset in the arena
+    sizes: dict[str, int]  # tensor node -> floats per block
+    floats: int  # arena size in floats, per block
+
+    def bytes_per_block(self) -> int:
+        return self.floats * 4
+
+
+def tensor_lifetimes(graph: Graph) -> dict[str, tuple[int, int]]:
+    """tensor -> (first kernel that writes it, last kernel that reads it); the input is
+    written by the packing step (-1), the outputs read by the unpacking one (len(groups))."""
+    groups = groups_of(graph)
+    lifetimes = {INPUT: (-1, -1)}
+    for index, group in enumerate(groups):
+        lifetimes[group.output] = (index, index)
+        for node in group.nodes:
+            for operand in graph.operands(node):
+                tensor = tensor_of(graph, operand)
+                if tensor not in group.nodes:
+                    born, _ = lifetimes[tensor]
+                    lifetimes[tensor] = (born, index)
+    for output in graph.outputs:
+        tensor = tensor_of(graph, output)
+        lifetimes[tensor] = (lifetimes[tensor][0], len(groups))
+    return lifetimes
+
+
+def plan_memory(graph: Graph, options: Options, reuse: bool = True) -> Graph:
+    lanes = lanes_of(graph)
+    lifetimes = tensor_lifetimes(graph)
+    sizes = {tensor: math.prod(graph.shape(tensor)) * lanes for tensor in lifetimes}
+    offsets: dict[str, int] = {}
+    for tensor in sorted(lifetimes, key=lambda name: (lifetimes[name][0], name)):
+        born, dies = lifetimes[tensor]
+        busy = sorted(
+            (offsets[other], offsets[other] + sizes[other])
+            for other in offsets
+            if not reuse or not (lifetimes[other][1] < born or dies < lifetimes[other][0])
+        )
+        offset = 0
+        for start, stop in busy:
+            if offset + sizes[tensor] <= start:
+                break
+            offset = max(offset, _aligned(stop))
+        offsets[tensor] = offset
+    floats = max((offsets[name] + sizes[name] for name in offsets), default=0)
+    graph.nx.graph["memory"] = MemoryPlan(offsets, sizes, _aligned(floats))
+    return graph
+
+
+def memory_of(graph: Graph, options: Options) -> MemoryPlan:
+    """The plan the pass made, or one without reuse when it was switched off."""
+    if "memory" not in graph.nx.graph:
+        plan_memory(graph, options, reuse=False)
+    plan: MemoryPlan = graph.nx.graph["memory"]
+    return plan
+
+
+def _aligned(floats: int) -> int:
+    return -(-floats // ALIGN) * ALIGN
