@@ -30,7 +30,7 @@ from cnnc.passes.plan_memory import MemoryPlan
 from cnnc.reference import check_input
 from cnnc.version import __version__
 
-TARGETS = ("llvm",)
+TARGETS = ("llvm", "cuda", "cuda-sim")
 EMIT_KINDS = ("ll", "asm", "obj", "so")
 _RUN_BLOCKS = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p)
@@ -70,8 +70,9 @@ def compile(  # noqa: A001 - the public name the users asked for
     disable_passes: tuple[str, ...] = (),
     dump_ir: str | Path | None = None,
     use_cache: bool = True,
-) -> CompiledModel:
-    """Compile `model` (a path or a Graph) for `target`; returns a callable model."""
+) -> Any:
+    """Compile `model` (a path or a Graph) for `target`; returns a callable model: a
+    `CompiledModel` for "llvm", the CUDA backend's model for "cuda" and "cuda-sim"."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; targets: {', '.join(TARGETS)}")
     graph = model if isinstance(model, Graph) else load(model)
@@ -82,8 +83,12 @@ def compile(  # noqa: A001 - the public name the users asked for
     if dump_dir is not None:
         text = "\n\n".join(kernel.to_text() for kernel in lowered.kernels)
         (dump_dir / "99_kernels.txt").write_text(text + "\n")
-    return CompiledModel(graph, compiled, lowered, memory_of(compiled, options), threads,
-                         use_cache)
+    memory = memory_of(compiled, options)
+    if target != "llvm":
+        from cnnc.backends.cuda import compile_cuda
+
+        return compile_cuda(graph, compiled, lowered, memory, options, use_cache=use_cache)
+    return CompiledModel(graph, compiled, lowered, memory, threads, use_cache)
 
 
 class CompiledModel:
@@ -234,6 +239,14 @@ class CompiledModel:
             "   each output in turn, output k as batch x OUTPUTk_SIZE floats after the ones",
             "   before it. Returns 0, or 1 when out of memory. Safe to call from many threads. */",
             f"int {name}_forward(const float *input, float *output, int64_t batch);",
+            "",
+            "/* Model-independent names, for programs built against one model. */",
+            "#ifndef CNNC_NO_ALIASES",
+            f"#define CNNC_MODEL_NAME \"{name}\"",
+            f"#define CNNC_FORWARD {name}_forward",
+            f"#define CNNC_INPUT_SIZE {name.upper()}_INPUT_SIZE",
+            f"#define CNNC_OUTPUT_SIZE {sum(self._output_sizes)}",
+            "#endif",
             "", f"#endif /* {guard} */", "",
         ]
         return "\n".join(lines)

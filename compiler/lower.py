@@ -327,9 +327,9 @@ class _KernelBuilder:
             (out_h - 1) * sh + kh > height or (out_w - 1) * sw + kw > width
         inner = _guarded(inner, all_of(_in_range(row, height), _in_range(col, width))
                          if may_leave else None)
-        stmts.append(For(wy.name, kh, [For(wx.name, kw, inner, self._reduce_kind(kw),
+        stmts.append(For(wy.name, kh, [For(wx.name, kw, inner, "serial",
                                            role="window")],
-                         self._reduce_kind(kh), role="window"))
+                         "serial", role="window"))
         if is_max:
             return [Local(result) for result in results]
         divisor = _avg_divisors(attrs, height, width, out_h, out_w)

@@ -165,15 +165,16 @@ def window_out(size: int, kernel: int, stride: int, pad: tuple[int, int], dilati
     """Output length of a sliding window along one axis, with PyTorch's rules.
 
     With `ceil_mode` a last, partial window is kept only if it starts inside the input or its
-    leading padding (PyTorch drops a window that would start in the trailing padding).
+    leading padding (PyTorch drops a window that would start in the trailing padding); so a
+    window longer than the padded input still gives one output when the stride covers the gap.
     """
     span = size + pad[0] + pad[1] - dilation * (kernel - 1) - 1
-    if span < 0:
+    if span < 0 and not ceil_mode:
         return 0
     out = (-(-span // stride) if ceil_mode else span // stride) + 1
     if ceil_mode and (out - 1) * stride >= size + pad[0]:
         out -= 1
-    return out
+    return max(out, 0)
 
 
 def _need_image(shape: Shape) -> tuple[int, int, int]:

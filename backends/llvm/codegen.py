@@ -178,12 +178,14 @@ class ModuleBuilder:
         builder.branch(header)
         builder.position_at_end(done)
         builder.ret(ir.Constant(I32, 0))
+        self.functions[RUN_BLOCKS] = function
         return function
 
     def add_forward(self, name: str, arena_floats: int, lanes: int) -> ir.Function:
         """`int NAME_forward(const float *input, float *output, int64_t batch)`: allocates
         the arena, runs every block on the calling thread; returns 0, or 1 when out of memory
-        or when batch is negative."""
+        or when batch is negative. It is then the library's only exported symbol."""
+        self.functions[RUN_BLOCKS].linkage = "internal"
         malloc = ir.Function(self.module, ir.FunctionType(I8.as_pointer(), [I64]), name="malloc")
         free = ir.Function(self.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer()]),
                            name="free")
@@ -205,8 +207,7 @@ class ModuleBuilder:
         blocks = builder.sdiv(builder.add(batch, ir.Constant(I64, lanes - 1)),
                               ir.Constant(I64, lanes))
         arena = builder.bitcast(raw, F32_PTR)
-        status = builder.call(self.functions[RUN_BLOCKS] if RUN_BLOCKS in self.functions
-                              else self.module.get_global(RUN_BLOCKS),
+        status = builder.call(self.functions[RUN_BLOCKS],
                               [x, y, batch, ir.Constant(I64, 0), blocks, arena])
         builder.call(free, [raw])
         builder.ret(status)
