@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -196,7 +197,7 @@ class _KernelBuilder:
     def point_values(self, channels: list[Expr], spatial: list[Expr]
                      ) -> tuple[list[Expr], list[Stmt]]:
         """Statements computing the group's output at `channels` x `spatial`, and the values."""
-        graph, group = self.graph, self.group
+        group = self.group
         window = group.window
         split = group.nodes.index(window) if window else len(group.nodes)
         head, post = group.nodes[:split], group.nodes[split + 1:]
@@ -299,11 +300,10 @@ class _KernelBuilder:
         op = graph.op(window)
         source = graph.operands(window)[0]
         _, height, width = graph.shape(source)
+        attrs: dict[str, Any] = graph.attrs(window)
         if op == "global_avgpool2d":
             attrs = {"kernel_size": (height, width), "stride": (1, 1),
                      "padding": ((0, 0), (0, 0)), "count_include_pad": True}
-        else:
-            attrs = graph.attrs(window)
         (kh, kw), (sh, sw) = attrs["kernel_size"], attrs["stride"]
         (top, _), (left, _) = attrs["padding"]
         is_max = op == "maxpool2d"
@@ -439,7 +439,8 @@ def _guarded(body: list[Stmt], cond: Expr | None) -> list[Stmt]:
     return body if cond is None else [If(cond, body)]
 
 
-def _avg_divisors(attrs: dict, height: int, width: int, out_h: int, out_w: int) -> np.ndarray:
+def _avg_divisors(attrs: dict[str, Any], height: int, width: int, out_h: int,
+                  out_w: int) -> np.ndarray:
     """PyTorch's divisor of each average-pooling window: the window clipped to the padded
     input (count_include_pad) or to the input itself."""
     (kh, kw), (sh, sw) = attrs["kernel_size"], attrs["stride"]

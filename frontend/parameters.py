@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -23,6 +23,8 @@ def read_weights(path: Path, shapes: ParamShapes, fail: Fail) -> dict[str, dict[
         raise fail(f"weights file '{path}' does not exist", None)
     if path.is_dir():
         raise fail(f"weights file '{path}' is a directory, expected a .npz archive", None)
+    if not zipfile.is_zipfile(path):  # np.load would try a lone .npy array or a pickle instead
+        raise fail(f"weights file '{path}' is not a .npz archive (a zip of named arrays)", None)
     try:
         with np.load(path, allow_pickle=False) as archive:
             if not isinstance(archive, np.lib.npyio.NpzFile):

@@ -161,7 +161,8 @@ def _parse_layer(reader: _Reader, index: int, node: yaml.Node, previous: str) ->
         attrs_node = entries[op][1]
         is_null = isinstance(attrs_node, yaml.ScalarNode) and reader.value(attrs_node) is None
         if not is_null:
-            for key, entry in reader.mapping(attrs_node, f"the attributes of layer {index}").items():
+            attr_entries = reader.mapping(attrs_node, f"the attributes of layer {index}")
+            for key, entry in attr_entries.items():
                 if key in options:
                     reader.fail(f"layer {index} gives '{key}' twice", line(entry[0]))
                 options[key] = entry
@@ -171,8 +172,10 @@ def _parse_layer(reader: _Reader, index: int, node: yaml.Node, previous: str) ->
         reader.fail(f"layer {index}: {op!r} is not an op name", where)
     spec = ops.lookup(op)
     if spec is None:
-        reader.fail(f"layer {index}: unknown op '{op}'{suggest(op, [*ops.OPS, *ops.ALIASES])}",
-                    op_line)
+        # Name the layer as every later error does, though its `name` is not checked yet.
+        given = reader.value(options["name"][1]) if "name" in options else index
+        raise ModelError(f"unknown op '{op}'{suggest(op, [*ops.OPS, *ops.ALIASES])}",
+                         file=reader.file, line=op_line, layer=str(given))
 
     layer = Layer(index, spec.name, str(index), op_line, [previous], op_line)
     if "name" in options:
@@ -319,7 +322,8 @@ def _attach_params(reader: _Reader, path: Path, graph: Graph, layers: list[Layer
 
         def fail(message: str, layer: str | None) -> ModelError:
             owner = by_name.get(layer) if layer else None
-            return ModelError(message, file=reader.file, line=owner.line if owner else line(key_node),
+            return ModelError(message, file=reader.file,
+                              line=owner.line if owner else line(key_node),
                               layer=layer, op=owner.op if owner else None)
 
         params = read_weights(path.parent / file, shapes, fail)

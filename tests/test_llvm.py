@@ -23,7 +23,8 @@ TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 
 
 @pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def private_cache(tmp_path_factory: pytest.TempPathFactory,
+                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test session compiles into a cache of its own."""
     monkeypatch.setenv("CNNC_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
 

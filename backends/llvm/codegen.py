@@ -10,7 +10,7 @@ blocks; `<name>_forward` is the C entry point of an exported library.
 from __future__ import annotations
 
 import json
-from typing import Callable
+from collections.abc import Callable
 
 from llvmlite import ir
 
@@ -41,6 +41,9 @@ BOOL = ir.IntType(1)
 F32_PTR = F32.as_pointer()
 LANE = "lane"
 RUN_BLOCKS = "cnnc_run_blocks"
+
+# How a launch computes one argument's pointer from the entry point's arguments.
+PointerOf = Callable[[ir.IRBuilder, dict[str, ir.Value]], ir.Value]
 
 # Signature of cnnc_run_blocks: input, output, batch, first block, end block, arena.
 RUN_BLOCKS_ARGS = (F32_PTR, F32_PTR, I64, I64, I64, F32_PTR)
@@ -149,7 +152,7 @@ class ModuleBuilder:
 
     # --- entry points ------------------------------------------------------------------------
 
-    def add_run_blocks(self, launches: list[tuple[Kernel, list[Callable[[ir.IRBuilder, dict[str, ir.Value]], ir.Value]]]]) -> ir.Function:
+    def add_run_blocks(self, launches: list[tuple[Kernel, list[PointerOf]]]) -> ir.Function:
         """`cnnc_run_blocks(x, y, batch, first, end, arena)`: every kernel, block by block.
 
         `launches` pairs each kernel with one function per argument that computes its pointer

@@ -14,7 +14,7 @@ import llvmlite
 import llvmlite.binding as llvm
 from llvmlite import ir
 
-from cnnc.backends.llvm.codegen import RUN_BLOCKS, ModuleBuilder
+from cnnc.backends.llvm.codegen import RUN_BLOCKS, ModuleBuilder, PointerOf
 from cnnc.kernel import Kernel
 from cnnc.lower import USER_INPUT, USER_OUTPUT, LoweredModel
 
@@ -60,7 +60,7 @@ def build_module(name: str, lowered: LoweredModel, offsets: dict[str, int]) -> M
     """The LLVM module of a lowered model: its kernels and `cnnc_run_blocks`."""
     machine = target_machine()
     builder = ModuleBuilder(name, machine.triple, str(machine.target_data))
-    launches = []
+    launches: list[tuple[Kernel, list[PointerOf]]] = []
     for kernel in lowered.kernels:
         builder.add_kernel(kernel)
         launches.append((kernel, [_pointer(lowered.bindings[kernel.name][buffer.name], offsets)
@@ -69,7 +69,7 @@ def build_module(name: str, lowered: LoweredModel, offsets: dict[str, int]) -> M
     return builder
 
 
-def _pointer(binding: str, offsets: dict[str, int]):  # type: ignore[no-untyped-def]
+def _pointer(binding: str, offsets: dict[str, int]) -> PointerOf:
     """How a launch finds one argument: the user's arrays, or a place in the arena."""
     if binding == USER_INPUT:
         return lambda builder, args: args["x"]

@@ -7,13 +7,13 @@ the graph after every pass for a user to read and diff.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from cnnc.graph import Graph
 from cnnc.passes.fold_batchnorm import fold_batchnorm
 from cnnc.passes.fuse import fuse, groups_of
-from cnnc.passes.layout import layout, lanes_of
+from cnnc.passes.layout import lanes_of, layout
 from cnnc.passes.options import Options
 from cnnc.passes.plan_memory import memory_of, plan_memory
 from cnnc.passes.prune import prune

@@ -1,0 +1,64 @@
+"""Shared helpers: where the golden cases and examples live, writing a model file, running one
+op through the reference, and running the real `cnnc` command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import cnnc
+from cnnc import ops
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = ROOT / "tests" / "golden"
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.fixture
+def model_file(tmp_path: Path) -> Callable[..., Path]:
+    """Write YAML text into tmp_path (as model.yaml unless named) and return its path."""
+
+    def write(text: str, name: str = "model.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return write
+
+
+def one_op_graph(op: str, input_shape: tuple[int, ...], params: dict[str, Any] | None = None,
+                 **attrs: Any) -> cnnc.Graph:
+    """A graph of the single op `op` over the input, built in Python as a pass would."""
+    graph = cnnc.Graph(op, input_shape)
+    spec = ops.OPS[op]
+    arrays = {key: np.asarray(value, np.float32) for key, value in (params or {}).items()}
+    graph.add("y", op, ["input"], spec.check_attrs(attrs), arrays)
+    graph.outputs = ["y"]
+    return graph
+
+
+@pytest.fixture
+def run_op() -> Callable[..., np.ndarray]:
+    """run_op(op, x, params=None, **attrs): the reference output of one op on array x."""
+
+    def run(op: str, x: Any, params: dict[str, Any] | None = None, **attrs: Any) -> np.ndarray:
+        x = np.asarray(x, np.float32)
+        result = cnnc.reference(one_op_graph(op, x.shape[1:], params, **attrs), x)
+        assert isinstance(result, np.ndarray)
+        return result
+
+    return run
+
+
+def run_cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real `cnnc` command in a fresh interpreter."""
+    return subprocess.run(
+        [sys.executable, "-m", "cnnc.cli", *map(str, args)],
+        capture_output=True, text=True, cwd=cwd, timeout=120, check=False,
+    )
