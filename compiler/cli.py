@@ -1,4 +1,4 @@
-"""The `cnnc` command: print a model's op graph, run a model on an input.
+"""The `cnnc` command: print a model's op graph, compile it, run it on an input.
 
 It parses options, calls the package's API and prints; it computes nothing itself. Every
 `CnncError` a user can cause is printed alone as `error: <message>` on stderr with exit status
@@ -7,6 +7,7 @@ It parses options, calls the package's API and prints; it computes nothing itsel
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,18 @@ import click
 import numpy as np
 
 from cnnc import __version__
+from cnnc.driver import EMIT_KINDS
+from cnnc.driver import TARGETS as COMPILED_TARGETS
+from cnnc.driver import compile as compile_model
 from cnnc.errors import CnncError, InputError
 from cnnc.frontend import load
 from cnnc.graph import Graph, format_shape
+from cnnc.passes import PASS_NAMES
 from cnnc.reference import reference
 
 # The targets `cnnc run` accepts; `_make_runner` must know each one.
-TARGETS: tuple[str, ...] = ("reference",)
+TARGETS: tuple[str, ...] = (*COMPILED_TARGETS, "reference")
+RTOL, ATOL = 1e-4, 1e-5  # float32 agreement with the reference that --check demands
 
 Outputs = np.ndarray | tuple[np.ndarray, ...]
 Runner = Callable[[np.ndarray], Outputs]
@@ -71,6 +77,82 @@ def graph(model: Path, fmt: str) -> None:
     click.echo(loaded.to_text() if fmt == "text" else loaded.to_dot())
 
 
+def _compile_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that shape compilation, shared by `compile` and `run`."""
+    options = [
+        click.option("--no-fuse", is_flag=True,
+                     help="One kernel per op instead of fusing conv + activation + pooling."),
+        click.option("--schedule", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="A JSON file of schedules ({kernel: {field: value}}, or the JSON "
+                          "lines `cnnc tune` writes) that replace the tiling pass's choices."),
+        click.option("--disable-pass", "disabled", multiple=True, type=click.Choice(PASS_NAMES),
+                     help="Switch off one pass of the pipeline (repeatable)."),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="CPU threads the batch is split across.  [default: all cores]"),
+        click.option("--arch", default=None,
+                     help="CUDA architecture, e.g. sm_90.  [default: the GPU present, else "
+                          "sm_90]"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _compile(graph: Graph, target: str, no_fuse: bool, schedule: Path | None,
+             disabled: tuple[str, ...], threads: int | None, arch: str | None,
+             dump_ir: Path | None = None) -> Any:
+    try:
+        return compile_model(graph, target=target, fuse=not no_fuse, threads=threads,
+                             schedule=schedule, disable_passes=disabled, dump_ir=dump_ir,
+                             arch=arch)
+    except ValueError as error:  # a bad schedule file or field
+        if isinstance(error, CnncError):
+            raise
+        raise _Failure(str(error)) from None
+
+
+@main.command("compile")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--target", "-t", type=click.Choice(COMPILED_TARGETS), default="llvm",
+              show_default=True, help="llvm: the host CPU; cuda: NVIDIA GPUs (CUDA C, NVRTC).")
+@click.option("--output-dir", "-o", type=click.Path(file_okay=False, path_type=Path),
+              help="Write the compiled model here. llvm: NAME.h plus --emit; cuda: NAME.cu, "
+                   "NAME.ptx, NAME.cubin and NAME.json.")
+@click.option("--emit", default="obj,so", show_default=True,
+              help=f"llvm: comma-separated outputs among {', '.join(EMIT_KINDS)}.")
+@click.option("--dump-ir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write the graph after every pass, and the kernels, as numbered text files.")
+@click.option("--verbose", "-v", is_flag=True,
+              help="Also print each kernel's loop IR and schedule.")
+@_compile_options
+def compile_command(model: Path, target: str, output_dir: Path | None, emit: str,
+                    dump_ir: Path | None, verbose: bool, no_fuse: bool, schedule: Path | None,
+                    disabled: tuple[str, ...], threads: int | None, arch: str | None) -> None:
+    """Compile MODEL and print its kernels; with -o, write the compiled files."""
+    kinds = tuple(kind.strip() for kind in emit.split(",") if kind.strip())
+    unknown = sorted(set(kinds) - set(EMIT_KINDS))
+    if unknown:
+        raise _Failure(f"unknown --emit kind '{unknown[0]}'; expected {', '.join(EMIT_KINDS)}")
+    start = time.perf_counter()
+    compiled = _compile(load(model), target, no_fuse, schedule, disabled, threads, arch, dump_ir)
+    seconds = time.perf_counter() - start
+    click.echo(f"compiled {compiled.name} for {target} in {seconds:.2f} s: "
+               f"{len(compiled.kernels)} kernels")
+    resources = getattr(compiled, "resources", None) or {}
+    for name in compiled.kernels:
+        line = f"  {name}"
+        if name in resources:
+            line += "  " + "  ".join(f"{key}={value}" for key, value in resources[name].items())
+        click.echo(line)
+    if verbose:
+        click.echo(compiled.source("kernel"))
+    if output_dir is not None:
+        written = compiled.export(output_dir, emit=kinds) if target == "llvm" \
+            else compiled.export(output_dir)
+        for path in written:
+            click.echo(f"wrote {path}")
+
+
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--input", "-i", "input_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -83,11 +165,18 @@ def graph(model: Path, fmt: str) -> None:
 @click.option("--output", "-o", "output_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the output to this file: a .npy array for a model with one output, "
                    "a .npz archive keyed by output name for a model with several.")
-@click.option("--target", "-t", type=click.Choice(TARGETS), default=TARGETS[0],
+@click.option("--target", "-t", type=click.Choice(TARGETS), default="llvm",
               show_default=True,
-              help="What runs the model: 'reference' is the NumPy oracle.")
+              help="What runs the model: llvm (the host CPU), cuda (an NVIDIA GPU), cuda-sim "
+                   "(the CUDA code on the CPU), reference (the NumPy oracle).")
+@click.option("--check", is_flag=True,
+              help=f"Also run the NumPy reference, print the largest errors and fail (exit 1) "
+                   f"beyond rtol={RTOL:g}, atol={ATOL:g}.")
+@_compile_options
 def run(model: Path, input_path: Path | None, batch: int | None, seed: int | None,
-        output_path: Path | None, target: str) -> None:
+        output_path: Path | None, target: str, check: bool, no_fuse: bool,
+        schedule: Path | None, disabled: tuple[str, ...], threads: int | None,
+        arch: str | None) -> None:
     """Run MODEL on an input and print the shape of each output.
 
     For an output of shape (N, classes) it also prints the top-1 class of each row.
@@ -104,7 +193,8 @@ def run(model: Path, input_path: Path | None, batch: int | None, seed: int | Non
         rng = np.random.default_rng(seed or 0)
         x = rng.random((batch or 1, *loaded.input_shape), dtype=np.float32)
         origin = f"random, seed {seed or 0}"
-    runner = _make_runner(loaded, target)
+    runner = _make_runner(loaded, target, no_fuse=no_fuse, schedule=schedule,
+                          disabled=disabled, threads=threads, arch=arch)
     result = runner(x)
     outputs = result if isinstance(result, tuple) else (result,)
 
@@ -117,13 +207,38 @@ def run(model: Path, input_path: Path | None, batch: int | None, seed: int | Non
     if output_path is not None:
         _write_outputs(output_path, loaded.outputs, outputs)
         click.echo(f"wrote {output_path}")
+    if check and not _check(loaded, x, outputs):
+        raise SystemExit(1)
 
 
 def _make_runner(graph: Graph, target: str, **options: Any) -> Runner:
     """A function that runs `graph` on an input array for `target` (one of TARGETS)."""
     if target == "reference":
         return lambda x: reference(graph, x)
+    if target in COMPILED_TARGETS:
+        return _compile(graph, target, **options)  # type: ignore[no-any-return]
     raise click.UsageError(f"unknown target '{target}'; expected one of {', '.join(TARGETS)}")
+
+
+def _check(graph: Graph, x: np.ndarray, outputs: tuple[np.ndarray, ...]) -> bool:
+    """Compare `outputs` with the reference's; print the largest errors; True when close."""
+    expected = reference(graph, x)
+    ok = True
+    for name, got, want in zip(graph.outputs, outputs,
+                               expected if isinstance(expected, tuple) else (expected,),
+                               strict=True):
+        difference = np.abs(got.astype(np.float64) - want)
+        both_nan = np.isnan(got) & np.isnan(want)
+        difference[both_nan] = 0
+        worst_abs = float(difference.max(initial=0))
+        worst_rel = float((difference / np.maximum(np.abs(want), np.finfo(np.float32).tiny))
+                          .max(initial=0))
+        close = bool(np.all(difference <= ATOL + RTOL * np.abs(want)))
+        ok &= close
+        click.echo(f"check %{name}: max abs error {worst_abs:.3g}, max rel error "
+                   f"{worst_rel:.3g} (rtol={RTOL:g}, atol={ATOL:g}): "
+                   f"{'ok' if close else 'MISMATCH'}")
+    return ok
 
 
 def _read_input(path: Path) -> np.ndarray:

@@ -70,13 +70,14 @@ def compile(  # noqa: A001 - the public name the users asked for
     disable_passes: tuple[str, ...] = (),
     dump_ir: str | Path | None = None,
     use_cache: bool = True,
+    arch: str | None = None,
 ) -> Any:
     """Compile `model` (a path or a Graph) for `target`; returns a callable model: a
     `CompiledModel` for "llvm", the CUDA backend's model for "cuda" and "cuda-sim"."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; targets: {', '.join(TARGETS)}")
     graph = model if isinstance(model, Graph) else load(model)
-    options = Options(target=target, fuse=fuse, schedules=read_schedules(schedule))
+    options = Options(target=target, fuse=fuse, schedules=read_schedules(schedule), arch=arch)
     dump_dir = Path(dump_ir) if dump_ir is not None else None
     compiled = run_pipeline(graph, options, disable_passes, dump_dir)
     lowered = lower(compiled)

@@ -163,10 +163,69 @@ def test_help_explains_every_option() -> None:
     assert top.returncode == 0
     assert "graph" in top.stdout and "run" in top.stdout and "--version" in top.stdout
     run_help = run_cli("run", "--help").stdout
-    for option in ("--input", "--batch", "--seed", "--output", "--target", "[reference]"):
+    for option in ("--input", "--batch", "--seed", "--output", "--target", "--check",
+                   "--no-fuse", "--schedule", "--threads", "reference"):
         assert option in run_help
     graph_help = run_cli("graph", "--help").stdout
     assert "--format [text|dot]" in graph_help
+    compile_help = run_cli("compile", "--help").stdout
+    for option in ("--target", "--output-dir", "--emit", "--dump-ir", "--no-fuse",
+                   "--schedule", "--disable-pass", "--arch", "--verbose"):
+        assert option in compile_help
+
+
+def test_run_llvm_with_check_passes(tmp_path: Path) -> None:
+    result = run_cli("run", LENET, "--target", "llvm", "--check", "--batch", "5")
+    assert result.returncode == 0, result.stderr
+    assert "check %11: max abs error" in result.stdout
+    assert result.stdout.rstrip().endswith("ok")
+
+
+def test_run_check_reports_every_output() -> None:
+    result = run_cli("run", GOLDEN / "avgpool_pad.yaml", "--check", "--batch", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(": ok") == 3
+
+
+def test_check_flags_outputs_beyond_the_tolerance(capsys: pytest.CaptureFixture[str]) -> None:
+    from cnnc.cli import _check
+
+    graph = cnnc.load(LENET)
+    x = np.random.default_rng(0).random((2, 1, 28, 28), dtype=np.float32)
+    right = cnnc.reference(graph, x)
+    assert _check(graph, x, (right,))
+    wrong = right.copy()
+    wrong[1, 3] += 1e-3
+    assert not _check(graph, x, (wrong,))
+    assert "max abs error 0.001" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_compile_llvm_writes_the_library(tmp_path: Path) -> None:
+    result = run_cli("compile", LENET, "-o", tmp_path, "--emit", "ll,obj,so")
+    assert result.returncode == 0, result.stderr
+    assert "5 kernels" in result.stdout
+    assert "conv2d_sigmoid_avgpool2d_0" in result.stdout
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "lenet.h", "lenet.ll", "lenet.o", "lenet.so"]
+
+
+def test_compile_dump_ir_and_unfused(tmp_path: Path) -> None:
+    result = run_cli("compile", LENET, "--no-fuse", "--dump-ir", tmp_path / "ir")
+    assert result.returncode == 0, result.stderr
+    assert "11 kernels" in result.stdout
+    assert (tmp_path / "ir" / "99_kernels.txt").exists()
+
+
+def test_compile_rejects_a_bad_schedule_and_emit(tmp_path: Path) -> None:
+    schedule = tmp_path / "bad.json"
+    schedule.write_text('{"*": {"tile_everything": 3}}')
+    result = run_cli("compile", LENET, "--schedule", schedule)
+    assert result.returncode == 2
+    assert "unknown schedule fields ['tile_everything']" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_cli("compile", LENET, "--emit", "exe")
+    assert result.returncode == 2
+    assert "unknown --emit kind 'exe'" in result.stderr
 
 
 def test_version() -> None:

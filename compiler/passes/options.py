@@ -15,3 +15,4 @@ class Options:
     fuse: bool = True
     vector_width: int = 16  # float32 lanes of one vector register on the target
     schedules: dict[str, dict[str, Any]] = field(default_factory=dict)
+    arch: str | None = None  # CUDA architecture (sm_XX); None: the GPU present, else sm_90
