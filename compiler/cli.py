@@ -211,6 +211,67 @@ def run(model: Path, input_path: Path | None, batch: int | None, seed: int | Non
         raise SystemExit(1)
 
 
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--target", "-t", type=click.Choice(COMPILED_TARGETS), default="llvm",
+              show_default=True, help="The cnnc target to time.")
+@click.option("--batch", "batches", default="1,64,256", show_default=True,
+              help="Comma-separated batch sizes.")
+@click.option("--threads", "thread_counts", default="1,2", show_default=True,
+              help="Comma-separated thread counts (every engine gets the same).")
+@click.option("--against", default="numpy,onnxruntime,torch", show_default=True,
+              help="Comma-separated engines to compare with: reference, numpy (im2col + "
+                   "BLAS), onnxruntime, torch. Engines not installed are skipped with a note.")
+@click.option("--rounds", type=click.IntRange(min=3), default=7, show_default=True,
+              help="Timed rounds per engine, interleaved.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write every measurement to this JSON file.")
+@click.option("--profile", is_flag=True,
+              help="Also time each kernel of the compiled model alone (llvm).")
+@click.option("--schedule", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Schedules to compile with (as for `cnnc compile`).")
+def bench(model: Path, target: str, batches: str, thread_counts: str, against: str,
+          rounds: int, json_path: Path | None, profile: bool, schedule: Path | None) -> None:
+    """Time MODEL compiled by cnnc against other engines on the same inputs.
+
+    Each engine's output is checked against the NumPy reference before it is timed. Prints
+    the median latency, the spread of the rounds, images/s and the ratio to every engine.
+    """
+    import json
+
+    from cnnc.bench import run_bench
+
+    loaded = load(model)
+    sizes = _int_list(batches, "--batch")
+    counts = _int_list(thread_counts, "--threads")
+    engines = [name.strip() for name in against.split(",") if name.strip()]
+    compiled = {count: _compile(loaded, target, False, schedule, (), count, None)
+                for count in counts}
+    report = run_bench(loaded, compiled, target, sizes, counts, engines, rounds=rounds)
+    click.echo(report.table())
+    if profile:
+        for count in counts:
+            for size in sizes:
+                click.echo(f"\nprofile: threads={count} batch={size}")
+                click.echo(compiled[count].profile(size))
+    if json_path is not None:
+        records = {"model": loaded.name, "target": target,
+                   "results": [result.as_dict() for result in report.results],
+                   "notes": report.notes}
+        json_path.write_text(json.dumps(records, indent=2) + "\n")
+        click.echo(f"wrote {json_path}")
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise _Failure(f"{option} takes comma-separated integers, got '{text}'") from None
+    if not values or min(values) < 1:
+        raise _Failure(f"{option} takes integers >= 1, got '{text}'")
+    return values
+
+
 def _make_runner(graph: Graph, target: str, **options: Any) -> Runner:
     """A function that runs `graph` on an input array for `target` (one of TARGETS)."""
     if target == "reference":

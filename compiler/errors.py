@@ -48,12 +48,20 @@ class ModelError(CnncError, ValueError):
 
 
 class CompileError(CnncError):
-    """A backend failed to compile generated code; `log` holds what the tool said."""
+    """A backend failed to compile generated code; `log` holds what the tool said, and
+    `line`/`source_line` the generated line it points at, where it names one."""
 
-    def __init__(self, message: str, log: str = "") -> None:
+    def __init__(self, message: str, log: str = "", *, line: int | None = None,
+                 source_line: str | None = None) -> None:
         self.log = log
+        self.line = line
+        self.source_line = source_line
         super().__init__(message if not log else f"{message}\n{log}")
 
 
 class InputError(CnncError, ValueError):
     """An array passed to a model at call time has the wrong rank, shape or type."""
+
+
+class DeviceError(CnncError, RuntimeError):
+    """No GPU or driver to run on, or a kernel failed on the GPU or in the CUDA simulator."""

@@ -189,7 +189,10 @@ class Schedule:
     `unroll_max` the largest reduction loop that is fully unrolled, `oc_block` how many output
     channels one iteration computes together (a register tile that reuses each input load),
     `parallel` the loop split across threads. The GPU fields say how a CUDA kernel maps onto
-    blocks and threads.
+    blocks and threads: `gpu_threads` threads per block, each computing `oc_block` output
+    channels at one point; `gpu_batch_inner` puts the images of a batch on neighbouring
+    threads (so a warp reads the same weights at once); `gpu_shared_tiles` gives each block
+    one image and stages the inputs its threads share in `__shared__` memory.
     """
 
     lanes: int = 1
@@ -197,6 +200,8 @@ class Schedule:
     unroll_max: int = 0
     parallel: str = "batch_block"
     gpu_threads: int = 128
+    gpu_batch_inner: bool = False
+    gpu_shared_tiles: bool = False
 
     def describe(self) -> str:
         return " ".join(f"{item.name}={getattr(self, item.name)}" for item in fields(self))

@@ -9,10 +9,12 @@ from typing import Any
 @dataclass(frozen=True)
 class Options:
     """`target` is "llvm", "cuda" or "cuda-sim"; `schedules` maps a kernel name (or "*") to
-    Schedule fields that override what the tiling pass picks."""
+    Schedule fields that override what the tiling pass picks. `fast_math` lets the CUDA
+    targets use the fast, less exact math functions (`__expf`)."""
 
     target: str = "llvm"
     fuse: bool = True
     vector_width: int = 16  # float32 lanes of one vector register on the target
     schedules: dict[str, dict[str, Any]] = field(default_factory=dict)
     arch: str | None = None  # CUDA architecture (sm_XX); None: the GPU present, else sm_90
+    fast_math: bool = False

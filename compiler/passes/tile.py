@@ -2,17 +2,68 @@
 
 The schedule says how wide the lane loop is, how many output channels share each input load
 (a register tile), which reduction loops are unrolled and how many GPU threads a block has.
+For the CUDA targets it also says how images and points map onto threads and whether a block
+stages its inputs in shared memory, from the shapes and the GPU architecture (`GPU_ARCHS`).
 A schedule given by the user (`--schedule FILE`) replaces fields of the one picked here.
 """
 
 from __future__ import annotations
 
+import math
+import re
+from dataclasses import dataclass
+
+from cnnc import ops
 from cnnc.graph import Graph
-from cnnc.passes.fuse import groups_of
+from cnnc.kernel import Schedule
+from cnnc.passes.fuse import Group, groups_of, tensor_of
 from cnnc.passes.layout import lanes_of
 from cnnc.passes.options import Options
 
 MAX_ACCUMULATORS = 8  # of 32 vector registers, leave room for inputs and addresses
+
+GPU_TARGETS = ("cuda", "cuda-sim")
+DEFAULT_GPU_ARCH = "sm_90"
+GPU_MAX_OUTPUTS_PER_THREAD = 8  # accumulators per thread: registers stay well under 64
+GPU_DENSE_OUTPUTS_PER_THREAD = 4  # a dense thread also keeps its input row's address live
+GPU_MIN_POINTS = 64  # threads wanted per image, so that a small batch still fills warps
+GPU_MAX_BLOCK = 256
+GPU_BLOCKS_PER_SM = 8  # blocks a staged kernel should fit on one SM, for latency hiding
+GPU_STATIC_SHARED_LIMIT = 48 * 1024  # bytes of static __shared__ memory a block may declare
+
+
+@dataclass(frozen=True)
+class GpuArch:
+    """What the GPU heuristic needs to know about an architecture."""
+
+    threads_per_sm: int
+    shared_per_sm: int  # bytes of shared memory the blocks on one SM can share
+
+    def shared_budget(self) -> int:
+        """Bytes one staged block may use so that GPU_BLOCKS_PER_SM of them fit on an SM."""
+        return min(GPU_STATIC_SHARED_LIMIT, self.shared_per_sm // GPU_BLOCKS_PER_SM)
+
+
+# By compute capability; an architecture not listed takes the nearest older one.
+GPU_ARCHS = {
+    75: GpuArch(1024, 64 * 1024),  # Turing (T4)
+    80: GpuArch(2048, 164 * 1024),  # A100
+    86: GpuArch(1536, 100 * 1024),  # Ampere consumer, A10
+    89: GpuArch(1536, 100 * 1024),  # Ada (L4, L40)
+    90: GpuArch(2048, 228 * 1024),  # Hopper (H100, H200)
+    100: GpuArch(2048, 228 * 1024),  # Blackwell (B200)
+    120: GpuArch(1536, 100 * 1024),  # Blackwell consumer
+}
+
+
+def gpu_arch(name: str) -> GpuArch:
+    """The properties of `name` ("sm_90", "sm_90a"); ValueError when it is not sm_XX."""
+    match = re.fullmatch(r"sm_(\d+)[af]?", name)
+    if match is None:
+        raise ValueError(f"unknown CUDA architecture {name!r}; expected sm_XX, e.g. sm_90")
+    capability = int(match.group(1))
+    known = [key for key in GPU_ARCHS if key <= capability] or [min(GPU_ARCHS)]
+    return GPU_ARCHS[max(known)]
 
 
 def tile(graph: Graph, options: Options) -> Graph:
@@ -29,6 +80,9 @@ def tile(graph: Graph, options: Options) -> Graph:
             unroll_max=8,
             gpu_threads=128,
         )
+        if options.target in GPU_TARGETS:
+            picked = _gpu_schedule(graph, group, picked, channels,
+                                   gpu_arch(options.arch or DEFAULT_GPU_ARCH))
         overrides = {**options.schedules.get("*", {}), **options.schedules.get(group.name, {})}
         group.schedule = picked.replace(**overrides)
     return graph
@@ -36,3 +90,54 @@ def tile(graph: Graph, options: Options) -> Graph:
 
 def _largest_divisor(number: int, limit: int) -> int:
     return max(divisor for divisor in range(1, min(number, limit) + 1) if number % divisor == 0)
+
+
+def _gpu_schedule(graph: Graph, group: Group, picked: Schedule, channels: int,
+                  arch: GpuArch) -> Schedule:
+    """A CUDA schedule. A thread computes `oc_block` channels at one point of one image.
+
+    Where a point has no spatial extent (dense layers, vectors) neighbouring threads take
+    neighbouring images: a warp then reads each weight once, as a broadcast. Otherwise they
+    take neighbouring pixels of one image, so loads and stores are coalesced; when the inputs
+    are reused across pixels (a convolution or pooling window) and fit the architecture's
+    shared-memory budget, a block takes one whole image and stages them in shared memory.
+    """
+    out_shape = graph.shape(group.output)
+    op = graph.op(group.producer)
+    computes_channels = op in ("conv2d", "dense")
+    spatial = math.prod(out_shape[1:])
+    if spatial == 1:
+        block = _largest_divisor(channels, GPU_DENSE_OUTPUTS_PER_THREAD) \
+            if computes_channels else 1
+        return picked.replace(oc_block=block, gpu_batch_inner=True, gpu_shared_tiles=False,
+                              gpu_threads=128)
+    block = _largest_divisor(channels, GPU_MAX_OUTPUTS_PER_THREAD) if computes_channels else 1
+    while block > 1 and out_shape[0] // block * spatial < GPU_MIN_POINTS:
+        block = _largest_divisor(channels, block - 1)
+    points = out_shape[0] // block * spatial
+    staged = _reused_input_floats(graph, group)
+    if staged and staged * 4 <= arch.shared_budget() and points >= 32:
+        passes = -(-points // GPU_MAX_BLOCK)
+        threads = -(-points // passes // 32) * 32
+        return picked.replace(oc_block=block, gpu_batch_inner=False, gpu_shared_tiles=True,
+                              gpu_threads=threads)
+    threads = 256 if arch.threads_per_sm % 256 == 0 and points >= 1024 else 128
+    return picked.replace(oc_block=block, gpu_batch_inner=False, gpu_shared_tiles=False,
+                          gpu_threads=threads)
+
+
+def _reused_input_floats(graph: Graph, group: Group) -> int:
+    """Floats per image of the inputs that neighbouring output points read again: the input
+    of a convolution wider than 1x1 or of a pooling window. 0 when there is none."""
+    floats = 0
+    for node in group.nodes:
+        op = graph.op(node)
+        if op != "conv2d" and ops.OPS[op].kind != "window":
+            continue
+        operand = tensor_of(graph, graph.operands(node)[0])
+        if op == "conv2d" and tuple(graph.attrs(node)["kernel_size"]) == (1, 1):
+            continue
+        if operand in group.nodes:
+            continue  # computed in the kernel (the convolution before a fused pooling)
+        floats += math.prod(graph.shape(operand))
+    return floats
