@@ -15,6 +15,7 @@ import queue
 import re
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,27 @@ def read_schedules(source: str | Path | dict[str, Any] | None) -> dict[str, dict
     return schedules
 
 
+LAYOUTS = ("auto", "batch", "channel")
+
+
+@dataclass
+class Variant:
+    """One compilation of the model for the CPU, in one layout."""
+
+    layout: str
+    graph: Graph  # after the passes
+    lowered: LoweredModel
+    memory: MemoryPlan
+
+    @property
+    def runner(self) -> str:
+        return f"cnnc_run_{self.layout}"
+
+    @property
+    def images_per_block(self) -> int:
+        return self.lowered.lanes
+
+
 def compile(  # noqa: A001 - the public name the users asked for
     model: str | Path | Graph,
     target: str = "llvm",
@@ -71,43 +93,61 @@ def compile(  # noqa: A001 - the public name the users asked for
     dump_ir: str | Path | None = None,
     use_cache: bool = True,
     arch: str | None = None,
+    layout: str = "auto",
 ) -> Any:
     """Compile `model` (a path or a Graph) for `target`; returns a callable model: a
-    `CompiledModel` for "llvm", the CUDA backend's model for "cuda" and "cuda-sim"."""
+    `CompiledModel` for "llvm", the CUDA backend's model for "cuda" and "cuda-sim".
+
+    On the CPU, `layout="auto"` compiles the model twice: batch-blocked for many images and
+    channel-vectorised for a few; each call uses the one that suits its batch size."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; targets: {', '.join(TARGETS)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; layouts: {', '.join(LAYOUTS)}")
     graph = model if isinstance(model, Graph) else load(model)
-    options = Options(target=target, fuse=fuse, schedules=read_schedules(schedule), arch=arch)
+    schedules = read_schedules(schedule)
     dump_dir = Path(dump_ir) if dump_ir is not None else None
-    compiled = run_pipeline(graph, options, disable_passes, dump_dir)
-    lowered = lower(compiled)
-    if dump_dir is not None:
-        text = "\n\n".join(kernel.to_text() for kernel in lowered.kernels)
-        (dump_dir / "99_kernels.txt").write_text(text + "\n")
-    memory = memory_of(compiled, options)
+    kinds = ("batch", "channel") if layout == "auto" or target != "llvm" else (layout,)
+    variants = []
+    for number, kind in enumerate(kinds if target == "llvm" else kinds[:1]):
+        options = Options(target=target, fuse=fuse, schedules=schedules, arch=arch, layout=kind)
+        # The first variant's passes are dumped in DIR, a second one's in DIR/<layout>.
+        where = dump_dir if dump_dir is None or number == 0 else dump_dir / f"{kind}_layout"
+        compiled = run_pipeline(graph, options, disable_passes, where)
+        lowered = lower(compiled)
+        if where is not None:
+            text = "\n\n".join(kernel.to_text() for kernel in lowered.kernels)
+            (where / "99_kernels.txt").write_text(text + "\n")
+        variants.append(Variant(kind, compiled, lowered, memory_of(compiled, options)))
     if target != "llvm":
         from cnnc.backends.cuda import compile_cuda
 
-        return compile_cuda(graph, compiled, lowered, memory, options, use_cache=use_cache)
-    return CompiledModel(graph, compiled, lowered, memory, threads, use_cache)
+        only = variants[0]
+        return compile_cuda(graph, only.graph, only.lowered, only.memory, options,
+                            use_cache=use_cache)
+    return CompiledModel(graph, variants, threads, use_cache)
 
 
 class CompiledModel:
     """A model compiled for the host CPU. Call it on a float array (N, C, H, W)."""
 
-    def __init__(self, graph: Graph, compiled: Graph, lowered: LoweredModel, memory: MemoryPlan,
-                 threads: int | None, use_cache: bool) -> None:
+    def __init__(self, graph: Graph, variants: list[Variant], threads: int | None,
+                 use_cache: bool) -> None:
         from cnnc.backends.llvm import jit
 
         self.graph = graph
         self.name = graph.name
-        self.lowered = lowered
-        self.memory = memory
-        self.lanes = lowered.lanes
+        self.variants = variants
+        primary = variants[0]
+        self.lowered = primary.lowered
+        self.memory = primary.memory
+        self.lanes = primary.images_per_block
         self.threads = max(1, threads or os.cpu_count() or 1)
-        self.kernels = [group.name for group in groups_of(compiled)]
+        self.kernels = [group.name for group in groups_of(primary.graph)]
         self.output_shapes = [graph.shape(name) for name in graph.outputs]
-        self._module = jit.build_module(_c_name(graph.name), lowered, memory.offsets)
+        self._module = jit.build_module(_c_name(graph.name), [
+            jit.Variant(variant.runner, variant.lowered, variant.memory.offsets)
+            for variant in variants])
         self._ll = self._module.text()
         self._key = cache.key_of(self._ll, jit.host().describe(), __version__)
         obj = cache.load(self._key) if use_cache else None
@@ -121,10 +161,20 @@ class CompiledModel:
             if use_cache:
                 cache.store(self._key, obj)
         self._library = jit.JitLibrary(obj)
-        self._run_blocks = _RUN_BLOCKS(self._library.address())
-        self._arenas: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
+        self._runners = {variant.layout: _RUN_BLOCKS(self._library.address(variant.runner))
+                         for variant in variants}
+        self._arenas: dict[str, queue.SimpleQueue[np.ndarray]] = {
+            variant.layout: queue.SimpleQueue() for variant in variants}
         self._pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
         self._output_sizes = [math.prod(shape) for shape in self.output_shapes]
+
+    def variant_for(self, batch: int) -> Variant:
+        """The variant a call with `batch` images uses: one image per block below a full
+        batch block, when the channel layout was compiled."""
+        small = [variant for variant in self.variants if variant.images_per_block == 1]
+        if small and batch < self.lanes:
+            return small[0]
+        return self.variants[0]
 
     # --- running -----------------------------------------------------------------------------
 
@@ -133,17 +183,18 @@ class CompiledModel:
         batch = len(array)
         total = sum(self._output_sizes)
         output = np.empty(batch * total, np.float32)
-        blocks = -(-batch // self.lanes)
+        variant = self.variant_for(batch)
+        blocks = -(-batch // variant.images_per_block)
         workers = min(self.threads, blocks)
         if workers:
             bounds = [blocks * part // workers for part in range(workers + 1)]
             ranges = list(zip(bounds[:-1], bounds[1:]))
             if workers == 1 or self._pool is None:
-                self._run(array, output, batch, *ranges[0])
+                self._run(variant, array, output, batch, *ranges[0])
             else:
-                futures = [self._pool.submit(self._run, array, output, batch, first, end)
-                           for first, end in ranges[1:]]
-                self._run(array, output, batch, *ranges[0])
+                futures = [self._pool.submit(self._run, variant, array, output, batch, first,
+                                             end) for first, end in ranges[1:]]
+                self._run(variant, array, output, batch, *ranges[0])
                 for future in futures:
                     future.result()
         outputs = []
@@ -153,18 +204,19 @@ class CompiledModel:
             start += size
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
-    def _run(self, array: np.ndarray, output: np.ndarray, batch: int, first: int,
-             end: int) -> None:
+    def _run(self, variant: Variant, array: np.ndarray, output: np.ndarray, batch: int,
+             first: int, end: int) -> None:
         """Blocks [first, end) on this thread, with an arena no other call is using."""
+        arenas = self._arenas[variant.layout]
         try:
-            arena = self._arenas.get_nowait()
+            arena = arenas.get_nowait()
         except queue.Empty:
-            arena = _aligned_floats(self.memory.floats)
+            arena = _aligned_floats(variant.memory.floats)
         try:
-            status = self._run_blocks(array.ctypes.data, output.ctypes.data, batch, first, end,
-                                      arena.ctypes.data)
+            status = self._runners[variant.layout](array.ctypes.data, output.ctypes.data, batch,
+                                                   first, end, arena.ctypes.data)
         finally:
-            self._arenas.put(arena)
+            arenas.put(arena)
         if status != 0:
             raise RuntimeError(f"model '{self.name}' failed with status {status}")
 
@@ -172,8 +224,9 @@ class CompiledModel:
         """Bytes of intermediate memory (all threads' arenas) used at batch size `batch`."""
         if batch < 0:
             raise InputError("batch must be >= 0")
-        workers = min(self.threads, -(-batch // self.lanes))
-        return workers * self.memory.bytes_per_block()
+        variant = self.variant_for(batch)
+        workers = min(self.threads, -(-batch // variant.images_per_block))
+        return workers * variant.memory.bytes_per_block()
 
     # --- reading the generated code ----------------------------------------------------------
 
@@ -201,8 +254,14 @@ class CompiledModel:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         name = _c_name(self.name)
-        module = jit.build_module(name, self.lowered, self.memory.offsets)
-        module.add_forward(name, self.memory.floats, self.lanes)
+        module = jit.build_module(name, [jit.Variant(variant.runner, variant.lowered,
+                                                     variant.memory.offsets)
+                                         for variant in self.variants])
+        arena = max(variant.memory.floats for variant in self.variants)
+        runners = [(variant.runner, variant.images_per_block,
+                    0 if variant is self.variant_for(0) else self.lanes)
+                   for variant in sorted(self.variants, key=lambda v: -v.images_per_block)]
+        module.add_forward(name, arena, runners)
         text = module.text()
         optimised = jit.optimise(text, shared_library=True)
         written = [out / f"{name}.h"]
@@ -255,7 +314,7 @@ class CompiledModel:
 
 def _aligned_floats(count: int) -> np.ndarray:
     """A float32 array of `count` elements starting on a 64-byte boundary."""
-    raw = np.empty(count + 16, np.float32)
+    raw = np.zeros(count + 16, np.float32)
     start = (-raw.ctypes.data % 64) // 4
     return raw[start: start + count]
 

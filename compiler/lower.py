@@ -31,6 +31,7 @@ from cnnc.kernel import (
     Load,
     Local,
     Schedule,
+    Select,
     Stmt,
     Store,
     Var,
@@ -39,9 +40,8 @@ from cnnc.kernel import (
     maximum,
 )
 from cnnc.passes.fuse import Group, groups_of, tensor_of
-from cnnc.passes.layout import lanes_of
+from cnnc.passes.layout import LANE, Layout, layout_of
 
-LANE = Var("lane")
 BLOCK = Var("block")
 BATCH = Var("batch")
 USER_INPUT = "@input"  # bindings of the edge kernels to the user's arrays
@@ -54,24 +54,25 @@ class LoweredModel:
 
     kernels: list[Kernel]
     bindings: dict[str, dict[str, str]]  # kernel -> buffer -> tensor node (or @input/@output)
-    lanes: int
+    lanes: int  # images per block
     output_offsets: list[int] = field(default_factory=list)  # per output, floats per sample
+    layout: Layout = field(default_factory=lambda: Layout("batch", 1))
 
 
 def lower(graph: Graph) -> LoweredModel:
-    lanes = lanes_of(graph)
-    model = LoweredModel([], {}, lanes)
-    pack = _pack_input(graph, lanes)
+    layout = layout_of(graph)
+    model = LoweredModel([], {}, layout.images_per_block, layout=layout)
+    pack = _pack_input(graph, layout)
     model.kernels.append(pack)
     model.bindings[pack.name] = {"x": USER_INPUT, "packed": INPUT}
     for group in groups_of(graph):
-        builder = _KernelBuilder(graph, group, lanes)
+        builder = _KernelBuilder(graph, group, layout)
         kernel = builder.build()
         model.kernels.append(kernel)
         model.bindings[kernel.name] = builder.bindings
     offset = 0
     for index, output in enumerate(graph.outputs):
-        unpack = _unpack_output(graph, output, index, offset, lanes)
+        unpack = _unpack_output(graph, output, index, offset, layout)
         model.kernels.append(unpack)
         model.bindings[unpack.name] = {"packed": tensor_of(graph, output), "y": USER_OUTPUT}
         model.output_offsets.append(offset)
@@ -82,35 +83,76 @@ def lower(graph: Graph) -> LoweredModel:
 # --- edge kernels ----------------------------------------------------------------------------
 
 
-def _pack_input(graph: Graph, lanes: int) -> Kernel:
-    """User NCHW rows into one batch block; lanes past the batch are zero."""
-    size = math.prod(graph.input_shape)
-    image = BLOCK * lanes + LANE
-    element = Var("i")
-    body: list[Stmt] = [For("lane", lanes, [
-        If(less(image, BATCH), [For("i", size, [
-            Store("packed", element * lanes + LANE, Load("x", image * size + element))])]),
-        If(Bin("<=", BATCH, image), [For("i", size, [
-            Store("packed", element * lanes + LANE, Const(0.0))])]),
-    ], role="lane")]
-    buffers = [Buffer("x", size * lanes, "input"), Buffer("packed", size * lanes, "output")]
-    return Kernel("pack_input", [INPUT], buffers, body, Schedule(lanes=lanes), uses_batch=True)
+_POINT_VARS = ("c", "h", "w")
 
 
-def _unpack_output(graph: Graph, output: str, index: int, offset: int, lanes: int) -> Kernel:
-    """One batch block of output `index` into the user's array; output k of a model with
-    several starts at batch * (sizes of the outputs before it)."""
-    size = math.prod(graph.shape(output))
-    image = BLOCK * lanes + LANE
-    element = Var("i")
-    target = BATCH * offset + image * size + element
-    body: list[Stmt] = [For("lane", lanes, [
-        If(less(image, BATCH), [For("i", size, [
-            Store("y", target, Load("packed", element * lanes + LANE))])]),
-    ], role="lane")]
-    buffers = [Buffer("packed", size * lanes, "input"), Buffer("y", size * lanes, "output")]
-    return Kernel(f"unpack_output_{index}", [output], buffers, body, Schedule(lanes=lanes),
-                  uses_batch=True)
+def _point_coords(shape: tuple[int, ...], first: int = 0) -> list[Expr]:
+    """The coordinates (channel first) that `_point_loops` binds."""
+    coords: list[Expr] = [Var(name) for name in _POINT_VARS[: len(shape)]]
+    coords[0] = coords[0] + first
+    return coords
+
+
+def _point_loops(shape: tuple[int, ...], body: list[Stmt], first: int = 0) -> list[Stmt]:
+    """Loops over every point of a per-image `shape`, channels from `first`, around `body`."""
+    for name, extent in reversed(list(zip(_POINT_VARS, shape))):
+        body = [For(name, extent - (first if name == "c" else 0), body, role="point")]
+    return body
+
+
+def _flat(shape: tuple[int, ...], coords: list[Expr]) -> Expr:
+    """Row-major index of `coords` in an NCHW image of `shape`."""
+    flat = coords[0]
+    for dim, coord in zip(shape[1:], coords[1:]):
+        flat = flat * dim + coord
+    return flat
+
+
+def _image(layout: Layout) -> Expr:
+    """The batch index of the image the edge kernels' lane loop is at."""
+    per_block = layout.images_per_block
+    return BLOCK * per_block + LANE if per_block > 1 else BLOCK + LANE
+
+
+def _pack_input(graph: Graph, layout: Layout) -> Kernel:
+    """User NCHW images into one block; images past the batch and padding channels are 0."""
+    shape = graph.input_shape
+    size = math.prod(shape)
+    image = _image(layout)
+    coords = _point_coords(shape)
+    stored = layout.index(shape, coords)
+    body: list[Stmt] = [
+        If(less(image, BATCH), _point_loops(shape, [
+            Store("packed", stored, Load("x", image * size + _flat(shape, coords)))])),
+        If(Bin("<=", BATCH, image), _point_loops(shape, [Store("packed", stored, Const(0.0))])),
+    ]
+    padded = (layout.channels(shape[0]), *shape[1:])
+    if padded[0] > shape[0]:
+        body += _point_loops(padded, [Store("packed", layout.index(
+            shape, _point_coords(shape, first=shape[0])), Const(0.0))], first=shape[0])
+    buffers = [Buffer("x", size * layout.images_per_block, "input"),
+               Buffer("packed", layout.floats(shape), "output")]
+    return Kernel("pack_input", [INPUT], buffers,
+                  [For("lane", layout.images_per_block, body, role="lane")],
+                  Schedule(lanes=layout.lanes), uses_batch=True)
+
+
+def _unpack_output(graph: Graph, output: str, index: int, offset: int,
+                   layout: Layout) -> Kernel:
+    """One block of output `index` into the user's array; output k of a model with several
+    starts at batch * (sizes of the outputs before it)."""
+    shape = graph.shape(output)
+    size = math.prod(shape)
+    image = _image(layout)
+    coords = _point_coords(shape)
+    target = BATCH * offset + image * size + _flat(shape, coords)
+    copy = _point_loops(shape, [Store("y", target, Load("packed", layout.index(shape, coords)))])
+    body: list[Stmt] = [For("lane", layout.images_per_block, [If(less(image, BATCH), copy)],
+                            role="lane")]
+    buffers = [Buffer("packed", layout.floats(shape), "input"),
+               Buffer("y", size * layout.images_per_block, "output")]
+    return Kernel(f"unpack_output_{index}", [output], buffers, body,
+                  Schedule(lanes=layout.lanes), uses_batch=True)
 
 
 # --- fused kernels ---------------------------------------------------------------------------
@@ -119,10 +161,12 @@ def _unpack_output(graph: Graph, output: str, index: int, offset: int, lanes: in
 class _KernelBuilder:
     """Builds the kernel of one group; keeps its buffers and fresh local names."""
 
-    def __init__(self, graph: Graph, group: Group, lanes: int) -> None:
+    def __init__(self, graph: Graph, group: Group, layout: Layout) -> None:
         self.graph = graph
         self.group = group
-        self.lanes = lanes
+        self.layout = layout
+        self.lanes = layout.lanes
+        self.by_channel = layout.kind == "channel"
         self.schedule = group.schedule
         self.buffers: list[Buffer] = []
         self.bindings: dict[str, str] = {}
@@ -136,8 +180,7 @@ class _KernelBuilder:
             if bound == tensor:
                 return name
         name = f"in{sum(1 for buffer in self.buffers if buffer.role == 'input')}"
-        size = math.prod(self.graph.shape(tensor)) * self.lanes
-        self.buffers.append(Buffer(name, size, "input"))
+        self.buffers.append(Buffer(name, self.layout.floats(self.graph.shape(tensor)), "input"))
         self.bindings[name] = tensor
         return name
 
@@ -147,17 +190,19 @@ class _KernelBuilder:
         self.buffers.append(Buffer(name, flat.size, "param", flat))
         return name
 
+    def channel_param(self, values: np.ndarray) -> str:
+        """A per-channel parameter, padded with zeros to the stored channel count."""
+        padded = np.zeros(self.layout.channels(len(values)), np.float32)
+        padded[: len(values)] = values
+        return self.param(padded)
+
     def fresh(self, stem: str) -> str:
         self.counter += 1
         return f"{stem}{self.counter}"
 
     def index(self, node: str, coords: list[Expr]) -> Expr:
-        """Flat index of per-sample point `coords` of `node`'s tensor in the block layout."""
-        shape = self.graph.shape(node)
-        flat: Expr = coords[0]
-        for dim, coord in zip(shape[1:], coords[1:]):
-            flat = flat * dim + coord
-        return blocked(flat, self.lanes)
+        """Where point `coords` of `node`'s stored tensor is, in this kernel's layout."""
+        return self.layout.index(self.graph.shape(tensor_of(self.graph, node)), coords)
 
     # the kernel
 
@@ -170,29 +215,36 @@ class _KernelBuilder:
             body = self.concat()
         else:
             body = self.pointwise()
-        self.buffers.append(Buffer("out", math.prod(graph.shape(group.output)) * self.lanes,
-                                   "output"))
+        floats = self.layout.floats(graph.shape(group.output))
+        self.buffers.append(Buffer("out", floats, "output"))
         self.bindings["out"] = group.output
         return Kernel(group.name, list(group.nodes), self.buffers, body, self.schedule)
 
     def pointwise(self) -> list[Stmt]:
-        """Loops over the output points, `oc_block` channels at a time; at each point the
-        lane loop computes producer -> elementwise -> window -> elementwise -> store."""
+        """Loops over the output points, `oc_block` channels (or channel vectors) at a time;
+        at each point the vectorised lane loop computes producer -> elementwise -> window ->
+        elementwise -> store."""
         graph, group = self.graph, self.group
         out_shape = graph.shape(group.output)
+        # In the channel layout a "channel" of the loop is a vector of `lanes` channels.
+        steps = self.layout.channels(out_shape[0]) // self.lanes if self.by_channel \
+            else out_shape[0]
         block = self.schedule.oc_block if graph.op(group.producer) in ("conv2d", "dense") else 1
-        if out_shape[0] % block:
+        if steps % block:
             block = 1
         channel_block = Var("cb")
         spatial = [Var("y"), Var("x")][: len(out_shape) - 1]
-        channels = [channel_block * block + j for j in range(block)]
+        if self.by_channel:
+            channels = [(channel_block * block + j) * self.lanes + LANE for j in range(block)]
+        else:
+            channels = [channel_block * block + j for j in range(block)]
         outputs, inner = self.point_values(channels, spatial)
         for channel, value in zip(channels, outputs):
             inner.append(Store("out", self.index(group.output, [channel, *spatial]), value))
         body: list[Stmt] = [For("lane", self.lanes, inner, "vectorized", role="lane")]
         for var, extent in reversed(list(zip(spatial, out_shape[1:]))):
             body = [For(var.name, extent, body, role="spatial")]
-        return [For("cb", out_shape[0] // block, body, role="channel")]
+        return [For("cb", steps // block, body, role="channel")]
 
     def point_values(self, channels: list[Expr], spatial: list[Expr]
                      ) -> tuple[list[Expr], list[Stmt]]:
@@ -242,8 +294,15 @@ class _KernelBuilder:
         per_group_in, per_group_out = in_channels // groups, out_channels // groups
         (kh, kw), (sh, sw), (dh, dw) = attrs["kernel_size"], attrs["stride"], attrs["dilation"]
         (top, bottom), (left, right) = attrs["padding"]
-        weights = self.param(params["weight"])
-        bias = self.param(params["bias"]) if "bias" in params else None
+        weight = params["weight"]
+        if self.by_channel:
+            # [ic][ky][kx][channels]: one vector load gives a tap for `lanes` channels.
+            packed = np.zeros((per_group_in, kh, kw, self.layout.channels(out_channels)))
+            packed[..., :out_channels] = weight.transpose(1, 2, 3, 0)
+            weights = self.param(packed)
+        else:
+            weights = self.param(weight)
+        bias = self.bias(params)
         source_buffer = self.input_buffer(source)
 
         accumulators = [self.fresh("acc") for _ in channels]
@@ -254,15 +313,27 @@ class _KernelBuilder:
         y, x = spatial
         row = y * sh + ky * dh - top
         col = x * sw + kx * dw - left
-        # The channel block never straddles a group: oc_block divides out_channels / groups
-        # or is 1, so the first channel of the block names the group of all of them.
-        group_index = _floordiv(channels[0], per_group_out) if groups > 1 else None
-        in_channel = ic if group_index is None else group_index * per_group_in + ic
-        pixel = self.fresh("v")
-        update: list[Stmt] = [Declare(pixel, Load(source_buffer,
-                                                  self.index(source, [in_channel, row, col])))]
-        for channel, acc in zip(channels, accumulators):
-            tap = ((channel * per_group_in + ic) * kh + ky) * kw + kx
+        # Which input channel a tap reads. In the batch layout a channel block never straddles
+        # a group (oc_block divides out_channels / groups), so one load serves the block; in
+        # the channel layout each lane may be in a group of its own.
+        sources = channels if groups > 1 and self.by_channel else channels[:1]
+        pixels = [self.fresh("v") for _ in sources]
+        update: list[Stmt] = []
+        for channel, pixel in zip(sources, pixels):
+            in_channel: Expr = ic
+            if groups > 1:
+                if self.by_channel:  # padding lanes read a real group's input, not past it
+                    channel = Select(less(channel, out_channels), channel, Const(out_channels - 1))
+                group_index = channel if per_group_out == 1 else _floordiv(channel, per_group_out)
+                in_channel = group_index * per_group_in + ic
+            update.append(Declare(pixel, Load(source_buffer,
+                                              self.index(source, [in_channel, row, col]))))
+        for position, (channel, acc) in enumerate(zip(channels, accumulators)):
+            pixel = pixels[position if len(pixels) > 1 else 0]
+            if self.by_channel:
+                tap = ((ic * kh + ky) * kw + kx) * self.layout.channels(out_channels) + channel
+            else:
+                tap = ((channel * per_group_in + ic) * kh + ky) * kw + kx
             update.append(Assign(acc, Local(acc) + Local(pixel) * Load(weights, tap)))
         # Without padding the output size keeps every tap inside the input: no checks.
         col_body = _guarded(update, _in_range(col, width) if left or right else None)
@@ -273,20 +344,45 @@ class _KernelBuilder:
         ], role="reduce"))
         return [Local(acc) for acc in accumulators]
 
+    def bias(self, params: dict[str, np.ndarray]) -> str | None:
+        if "bias" not in params:
+            return None
+        return self.channel_param(params["bias"]) if self.by_channel else self.param(
+            params["bias"])
+
     def dense(self, node: str, channels: list[Expr], stmts: list[Stmt]) -> list[Expr]:
         params = self.graph.params(node)
         source = self.graph.operands(node)[0]
         features = self.graph.shape(source)[0]
-        weights = self.param(params["weight"])
-        bias = self.param(params["bias"]) if "bias" in params else None
+        units = self.graph.shape(node)[0]
+        bias = self.bias(params)
         source_buffer = self.input_buffer(source)
         accumulators = [self.fresh("acc") for _ in channels]
         for channel, acc in zip(channels, accumulators):
             stmts.append(Declare(acc, Load(bias, channel) if bias else Const(0.0)))
-        k = Var(self.fresh("k"))
         pixel = self.fresh("v")
+        if self.by_channel:
+            # Weights [feature][units]: one vector load gives `lanes` units. The input is
+            # read feature by feature in NCHW flatten order, skipping padding channels.
+            stored = self.graph.shape(tensor_of(self.graph, source))
+            area = math.prod(stored[1:])
+            packed = np.zeros((features, self.layout.channels(units)))
+            packed[:, :units] = params["weight"].T
+            weights = self.param(packed)
+            ci, point = Var(self.fresh("ci")), Var(self.fresh("p"))
+            feature = ci * area + point
+            update: list[Stmt] = [Declare(pixel, Load(source_buffer, point * self.layout.channels(
+                stored[0]) + ci))]
+            for channel, acc in zip(channels, accumulators):
+                tap = feature * self.layout.channels(units) + channel
+                update.append(Assign(acc, Local(acc) + Local(pixel) * Load(weights, tap)))
+            stmts.append(For(ci.name, stored[0], [For(point.name, area, update, role="reduce")],
+                             role="reduce"))
+            return [Local(acc) for acc in accumulators]
+        weights = self.param(params["weight"])
+        k = Var(self.fresh("k"))
         # The flattened input is the same memory as the 4-D tensor it views.
-        update: list[Stmt] = [Declare(pixel, Load(source_buffer, blocked(k, self.lanes)))]
+        update = [Declare(pixel, Load(source_buffer, self.layout.index((features,), [k])))]
         for channel, acc in zip(channels, accumulators):
             update.append(Assign(acc, Local(acc) + Local(pixel) * Load(weights, channel * features
                                                                         + k)))
@@ -355,8 +451,8 @@ class _KernelBuilder:
                 elif op == "batchnorm2d":
                     scale, shift = ops.batchnorm_scale_shift(self.graph.attrs(node),
                                                              self.graph.params(node))
-                    result = value * Load(self.param(scale), channel) + \
-                        Load(self.param(shift), channel)
+                    result = value * Load(self.channel_param(scale), channel) + \
+                        Load(self.channel_param(shift), channel)
                 elif op == "add":
                     chain = self.group.nodes[self.group.nodes.index(node) - 1] \
                         if node != self.group.producer else None
@@ -395,35 +491,31 @@ class _KernelBuilder:
                                       Call("exp", value - Local(top)) / Local(total))],
                 role="channel"),
         ]
-        body: list[Stmt] = [For("lane", self.lanes, inner, "vectorized", role="lane")]
+        # The sums run over channels, so only the batch layout has lanes to vectorise.
+        body: list[Stmt] = [For("lane", self.layout.images_per_block, inner, "vectorized",
+                                role="lane")]
         for var, extent in reversed(list(zip(spatial, shape[1:]))):
             body = [For(var.name, extent, body, role="spatial")]
         return body
 
     def concat(self) -> list[Stmt]:
-        """Each operand is a contiguous run of channels in the block layout: copy the runs."""
+        """Copy each operand's channels into its place in the output."""
         node = self.group.producer
         body: list[Stmt] = []
         start = 0
         for operand in self.graph.operands(node):
-            size = math.prod(self.graph.shape(operand))
+            shape = self.graph.shape(operand)
             buffer = self.input_buffer(operand)
-            element = Var(self.fresh("i"))
-            index = blocked(element, self.lanes)
-            body.append(For(element.name, size, [
-                For("lane", self.lanes, [Store("out", index + start * self.lanes,
-                                               Load(buffer, index))], "vectorized", role="lane"),
-            ], role="spatial"))
-            start += size
+            coords = _point_coords(shape)
+            target = [coords[0] + start, *coords[1:]]
+            copy = Store("out", self.index(node, target), Load(buffer, self.index(operand, coords)))
+            lanes = For("lane", self.layout.images_per_block, [copy], "vectorized", role="lane")
+            body += _point_loops(shape, [lanes])
+            start += shape[0]
         return body
 
     def _reduce_kind(self, extent: int) -> str:
         return "unrolled" if extent <= self.schedule.unroll_max else "serial"
-
-
-def blocked(flat: Expr, lanes: int) -> Expr:
-    """Index of element `flat` of the current lane's image in a `[...][lanes]` buffer."""
-    return flat * lanes + LANE if lanes > 1 else flat + LANE
 
 
 def _floordiv(expr: Expr, divisor: int) -> Expr:

@@ -40,11 +40,12 @@ def as_list(outputs: np.ndarray | tuple[np.ndarray, ...]) -> list[np.ndarray]:
     return list(outputs) if isinstance(outputs, tuple) else [outputs]
 
 
+@pytest.mark.parametrize("layout", ["batch", "channel"])
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("case", CASES)
-def test_golden_case_on_llvm(case: str, fuse: bool) -> None:
+def test_golden_case_on_llvm(case: str, fuse: bool, layout: str) -> None:
     graph = cnnc.load(GOLDEN / f"{case}.yaml")
-    model = cnnc.compile(graph, fuse=fuse)
+    model = cnnc.compile(graph, fuse=fuse, layout=layout)
     x = np.load(GOLDEN / f"{case}.io.npz")["input"]
     actual = as_list(model(x))
     expected = expected_outputs(case, graph)
@@ -90,6 +91,20 @@ def test_outputs_are_bitwise_identical_whatever_the_thread_count(threads: int) -
     assert np.array_equal(one, cnnc.compile(GOLDEN / "lenet.yaml", threads=1)(x))
 
 
+def test_an_image_gets_the_same_bits_whatever_the_batch_size() -> None:
+    # Small batches run in the channel layout, large ones in the batch layout: both must
+    # round alike, so that an image's result does not depend on its company.
+    for case in ("lenet", "residual", "depthwise_dilated", "lenet_relu_max"):
+        graph = cnnc.load(GOLDEN / f"{case}.yaml")
+        model = cnnc.compile(graph)
+        x = np.random.default_rng(5).standard_normal((21, *graph.input_shape))
+        together = model(x.astype(np.float32))
+        alone = np.concatenate([model(x[i: i + 1].astype(np.float32)) for i in range(21)])
+        assert model.variant_for(1).layout == "channel"
+        assert model.variant_for(21).layout == "batch"
+        assert np.array_equal(together, alone), case
+
+
 @pytest.mark.parametrize("batch", [1, 15, 16, 17, 37])
 def test_any_batch_size_matches_the_reference(batch: int) -> None:
     graph = cnnc.load(GOLDEN / "residual.yaml")
@@ -127,7 +142,8 @@ def test_memory_plan_reuses_buffers() -> None:
     model = cnnc.compile(GOLDEN / "lenet.yaml", threads=2)
     unplanned = cnnc.compile(GOLDEN / "lenet.yaml", threads=2, disable_passes=("plan_memory",))
     assert model.memory_bytes(256) < unplanned.memory_bytes(256)
-    assert model.memory_bytes(1) == model.memory.bytes_per_block()
+    one_image = model.variant_for(1)
+    assert model.memory_bytes(1) == one_image.memory.bytes_per_block()
     assert model.memory_bytes(256) == 2 * model.memory.bytes_per_block()
 
 
@@ -142,8 +158,10 @@ def test_every_pass_can_be_switched_off_without_changing_results() -> None:
 def test_dump_ir_writes_the_graph_after_every_pass(tmp_path: Path) -> None:
     cnnc.compile(GOLDEN / "lenet.yaml", dump_ir=tmp_path)
     names = sorted(path.name for path in tmp_path.iterdir())
-    assert names == ["00_input.txt", "01_prune.txt", "02_fold_batchnorm.txt", "03_fuse.txt",
-                     "04_layout.txt", "05_tile.txt", "06_plan_memory.txt", "99_kernels.txt"]
+    files = ["00_input.txt", "01_prune.txt", "02_fold_batchnorm.txt", "03_fuse.txt",
+             "04_layout.txt", "05_tile.txt", "06_plan_memory.txt", "99_kernels.txt"]
+    assert names == [*files, "channel_layout"]  # the variant for small batches
+    assert sorted(path.name for path in (tmp_path / "channel_layout").iterdir()) == files
     assert "conv2d_sigmoid_avgpool2d_0: 0, 1, 2" in (tmp_path / "03_fuse.txt").read_text()
 
 

@@ -40,7 +40,6 @@ I8 = ir.IntType(8)
 BOOL = ir.IntType(1)
 F32_PTR = F32.as_pointer()
 LANE = "lane"
-RUN_BLOCKS = "cnnc_run_blocks"
 
 # How a launch computes one argument's pointer from the entry point's arguments.
 PointerOf = Callable[[ir.IRBuilder, dict[str, ir.Value]], ir.Value]
@@ -118,10 +117,12 @@ class ModuleBuilder:
 
     # --- kernels -----------------------------------------------------------------------------
 
-    def add_kernel(self, kernel: Kernel) -> ir.Function:
+    def add_kernel(self, kernel: Kernel, symbol: str = "") -> ir.Function:
+        """Add `kernel` as the internal function `symbol` (default: the kernel's name)."""
+        symbol = symbol or kernel.name
         arguments = kernel.arguments
         fnty = ir.FunctionType(ir.VoidType(), [F32_PTR] * len(arguments) + [I64, I64])
-        function = ir.Function(self.module, fnty, name=kernel.name)
+        function = ir.Function(self.module, fnty, name=symbol)
         function.linkage = "internal"
         for index, buffer in enumerate(arguments):
             function.args[index].name = buffer.name
@@ -131,11 +132,11 @@ class ModuleBuilder:
         pointers = {buffer.name: function.args[index] for index, buffer in enumerate(arguments)}
         for buffer in kernel.buffers:
             if buffer.role == "param":
-                pointers[buffer.name] = self._constant(f"{kernel.name}.{buffer.name}", buffer)
+                pointers[buffer.name] = self._constant(f"{symbol}.{buffer.name}", buffer)
         _FunctionEmitter(self, function, pointers).emit(kernel.body)
-        self.functions[kernel.name] = function
+        self.functions[symbol] = function
         layers = ", ".join(json.dumps(layer) for layer in kernel.layers)
-        self.comments[kernel.name] = f"; kernel {kernel.name}: layers {layers}; " \
+        self.comments[symbol] = f"; kernel {kernel.name}: layers {layers}; " \
             f"schedule {kernel.schedule.describe()}"
         return function
 
@@ -152,16 +153,17 @@ class ModuleBuilder:
 
     # --- entry points ------------------------------------------------------------------------
 
-    def add_run_blocks(self, launches: list[tuple[Kernel, list[PointerOf]]]) -> ir.Function:
-        """`cnnc_run_blocks(x, y, batch, first, end, arena)`: every kernel, block by block.
+    def add_run_blocks(self, name: str, launches: list[tuple[str, list[PointerOf]]]
+                       ) -> ir.Function:
+        """`name(x, y, batch, first, end, arena)`: every kernel, block by block.
 
-        `launches` pairs each kernel with one function per argument that computes its pointer
-        from the entry's arguments (`x`, `y`, `arena`)."""
+        `launches` pairs each kernel's symbol with one function per argument that computes
+        its pointer from the entry's arguments (`x`, `y`, `arena`)."""
         fnty = ir.FunctionType(I32, RUN_BLOCKS_ARGS)
-        function = ir.Function(self.module, fnty, name=RUN_BLOCKS)
+        function = ir.Function(self.module, fnty, name=name)
         names = ("x", "y", "batch", "first", "end", "arena")
-        for argument, name in zip(function.args, names):
-            argument.name = name
+        for argument, label in zip(function.args, names):
+            argument.name = label
         args = dict(zip(names, function.args))
         builder = ir.IRBuilder(function.append_basic_block("entry"))
         counter = builder.alloca(I64, name="block.ptr")
@@ -174,21 +176,23 @@ class ModuleBuilder:
         block = builder.load(counter, name="block")
         builder.cbranch(builder.icmp_signed("<", block, args["end"]), body, done)
         builder.position_at_end(body)
-        for kernel, pointers in launches:
+        for symbol, pointers in launches:
             values = [pointer(builder, args) for pointer in pointers]
-            builder.call(self.functions[kernel.name], [*values, block, args["batch"]])
+            builder.call(self.functions[symbol], [*values, block, args["batch"]])
         builder.store(builder.add(block, ir.Constant(I64, 1)), counter)
         builder.branch(header)
         builder.position_at_end(done)
         builder.ret(ir.Constant(I32, 0))
-        self.functions[RUN_BLOCKS] = function
+        self.functions[name] = function
         return function
 
-    def add_forward(self, name: str, arena_floats: int, lanes: int) -> ir.Function:
+    def add_forward(self, name: str, arena_floats: int, runners: list[tuple[str, int, int]]
+                    ) -> ir.Function:
         """`int NAME_forward(const float *input, float *output, int64_t batch)`: allocates
-        the arena, runs every block on the calling thread; returns 0, or 1 when out of memory
-        or when batch is negative. It is then the library's only exported symbol."""
-        self.functions[RUN_BLOCKS].linkage = "internal"
+        the arena and runs every block on the calling thread; returns 0, or 1 when out of
+        memory or when batch is negative. `runners` are (run function, images per block,
+        smallest batch it is used for), the largest batch first. The run functions become
+        internal: the forward function is the library's only exported symbol."""
         malloc = ir.Function(self.module, ir.FunctionType(I8.as_pointer(), [I64]), name="malloc")
         free = ir.Function(self.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer()]),
                            name="free")
@@ -207,13 +211,28 @@ class ModuleBuilder:
         ok = function.append_basic_block("ok")
         builder.cbranch(is_null, bad, ok)
         builder.position_at_end(ok)
-        blocks = builder.sdiv(builder.add(batch, ir.Constant(I64, lanes - 1)),
-                              ir.Constant(I64, lanes))
         arena = builder.bitcast(raw, F32_PTR)
-        status = builder.call(self.functions[RUN_BLOCKS],
-                              [x, y, batch, ir.Constant(I64, 0), blocks, arena])
+        status = builder.alloca(I32)
+        for runner, per_block, smallest in runners:
+            self.functions[runner].linkage = "internal"
+            chosen = function.append_basic_block(f"{runner}.use")
+            following = function.append_basic_block(f"{runner}.next")
+            builder.cbranch(builder.icmp_signed(">=", batch, ir.Constant(I64, smallest)),
+                            chosen, following)
+            builder.position_at_end(chosen)
+            blocks = builder.sdiv(builder.add(batch, ir.Constant(I64, per_block - 1)),
+                                  ir.Constant(I64, per_block))
+            builder.store(builder.call(self.functions[runner],
+                                       [x, y, batch, ir.Constant(I64, 0), blocks, arena]),
+                          status)
+            done = function.append_basic_block(f"{runner}.done")
+            builder.branch(done)
+            builder.position_at_end(done)
+            builder.call(free, [raw])
+            builder.ret(builder.load(status))
+            builder.position_at_end(following)
         builder.call(free, [raw])
-        builder.ret(status)
+        builder.ret(ir.Constant(I32, 0))
         return function
 
     def text(self) -> str:
@@ -254,7 +273,7 @@ class ModuleBuilder:
             return _splat_constant(F32, value, width)
 
         def fma(a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Value:
-            return builder.call(self.intrinsic("llvm.fmuladd", type_, 3), [a, b, c])
+            return builder.call(self.intrinsic("llvm.fma", type_, 3), [a, b, c])
 
         clamped = builder.call(self.intrinsic("llvm.minimum", type_, 2), [x, const(88.3)])
         clamped = builder.call(self.intrinsic("llvm.maximum", type_, 2), [clamped, const(-87.3)])
@@ -461,7 +480,8 @@ class _FunctionEmitter:
 
     def binary(self, expr: Bin) -> ir.Value:
         builder = self.builder
-        # acc + a * b becomes one fused multiply-add where the target has it.
+        # acc + a * b is always one fused multiply-add (llvm.fma, never "fuse if profitable"),
+        # so every layout and vector width rounds alike: results do not depend on the batch.
         if expr.op == "+" and isinstance(expr.right, Bin) and expr.right.op == "*":
             accumulator = self.value(expr.left)
             if _is_float(accumulator.type):
@@ -472,8 +492,8 @@ class _FunctionEmitter:
                         else type_
                     left, right = self.fit(left, type_), self.fit(right, type_)
                     accumulator = self.fit(accumulator, type_)
-                fmuladd = self.owner.intrinsic("llvm.fmuladd", type_, 3)
-                return builder.call(fmuladd, [left, right, accumulator])
+                fma = self.owner.intrinsic("llvm.fma", type_, 3)
+                return builder.call(fma, [left, right, accumulator])
         left, right = self.pair(expr)
         if expr.op == "and":
             return builder.and_(left, right)

@@ -14,7 +14,7 @@ import llvmlite
 import llvmlite.binding as llvm
 from llvmlite import ir
 
-from cnnc.backends.llvm.codegen import RUN_BLOCKS, ModuleBuilder, PointerOf
+from cnnc.backends.llvm.codegen import ModuleBuilder, PointerOf
 from cnnc.kernel import Kernel
 from cnnc.lower import USER_INPUT, USER_OUTPUT, LoweredModel
 
@@ -56,16 +56,29 @@ def target_machine(shared_library: bool = False) -> llvm.TargetMachine:
                                         codemodel="default" if shared_library else "jitdefault")
 
 
-def build_module(name: str, lowered: LoweredModel, offsets: dict[str, int]) -> ModuleBuilder:
-    """The LLVM module of a lowered model: its kernels and `cnnc_run_blocks`."""
+@dataclass(frozen=True)
+class Variant:
+    """One lowering of a model (a layout), run by the entry point `runner`."""
+
+    runner: str
+    lowered: LoweredModel
+    offsets: dict[str, int]
+
+
+def build_module(name: str, variants: list[Variant]) -> ModuleBuilder:
+    """The LLVM module of a model: the kernels of every variant, and each variant's entry
+    point `runner(x, y, batch, first_block, end_block, arena)`."""
     machine = target_machine()
     builder = ModuleBuilder(name, machine.triple, str(machine.target_data))
-    launches: list[tuple[Kernel, list[PointerOf]]] = []
-    for kernel in lowered.kernels:
-        builder.add_kernel(kernel)
-        launches.append((kernel, [_pointer(lowered.bindings[kernel.name][buffer.name], offsets)
-                                  for buffer in kernel.arguments]))
-    builder.add_run_blocks(launches)
+    for variant in variants:
+        launches: list[tuple[str, list[PointerOf]]] = []
+        for kernel in variant.lowered.kernels:
+            symbol = f"{variant.runner}.{kernel.name}" if len(variants) > 1 else kernel.name
+            builder.add_kernel(kernel, symbol)
+            bindings = variant.lowered.bindings[kernel.name]
+            launches.append((symbol, [_pointer(bindings[buffer.name], variant.offsets)
+                                      for buffer in kernel.arguments]))
+        builder.add_run_blocks(variant.runner, launches)
     return builder
 
 
@@ -111,16 +124,12 @@ class JitLibrary:
         self.engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
         self.engine.finalize_object()
 
-    def address(self, name: str = RUN_BLOCKS) -> int:
+    def address(self, name: str) -> int:
         address = int(self.engine.get_function_address(name))
         if not address:
             raise RuntimeError(f"symbol {name} not found in the compiled code")
         return address
 
 
-def kernel_names(lowered: LoweredModel) -> list[str]:
-    return [kernel.name for kernel in lowered.kernels]
-
-
-__all__ = ["HostTarget", "JitLibrary", "Kernel", "build_module", "emit_assembly", "emit_object",
-           "host", "optimise"]
+__all__ = ["HostTarget", "JitLibrary", "Variant", "build_module", "emit_assembly",
+           "emit_object", "host", "optimise"]

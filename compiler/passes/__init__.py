@@ -13,7 +13,7 @@ from pathlib import Path
 from cnnc.graph import Graph
 from cnnc.passes.fold_batchnorm import fold_batchnorm
 from cnnc.passes.fuse import fuse, groups_of
-from cnnc.passes.layout import lanes_of, layout
+from cnnc.passes.layout import layout, layout_of
 from cnnc.passes.options import Options
 from cnnc.passes.plan_memory import memory_of, plan_memory
 from cnnc.passes.prune import prune
@@ -59,8 +59,11 @@ def describe(graph: Graph) -> str:
         for group in groups_of(graph):
             lines.append(f"  {group.name}: {', '.join(group.nodes)}")
             lines.append(f"    schedule: {group.schedule.describe()}")
-    if "lanes" in graph.nx.graph:
-        lines.append(f"layout: [C][H][W][{lanes_of(graph)}] (batch-blocked)")
+    if "layout" in graph.nx.graph:
+        chosen = layout_of(graph)
+        form = f"[C][H][W][{chosen.lanes}]" if chosen.kind == "batch" else \
+            f"[H][W][C padded to {chosen.lanes}]"
+        lines.append(f"layout: {chosen.kind}, {form}")
     if "memory" in graph.nx.graph:
         plan = graph.nx.graph["memory"]
         lines.append(f"memory: {plan.bytes_per_block()} bytes per batch block")
@@ -69,5 +72,5 @@ def describe(graph: Graph) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PASS_NAMES", "PIPELINE", "Options", "describe", "groups_of", "lanes_of",
+__all__ = ["PASS_NAMES", "PIPELINE", "Options", "describe", "groups_of", "layout_of",
            "memory_of", "run_pipeline"]

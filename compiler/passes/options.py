@@ -15,6 +15,7 @@ class Options:
     target: str = "llvm"
     fuse: bool = True
     vector_width: int = 16  # float32 lanes of one vector register on the target
+    layout: str = "batch"  # on the CPU: "batch" (many images) or "channel" (one at a time)
     schedules: dict[str, dict[str, Any]] = field(default_factory=dict)
     arch: str | None = None  # CUDA architecture (sm_XX); None: the GPU present, else sm_90
     fast_math: bool = False

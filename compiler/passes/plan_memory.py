@@ -7,12 +7,11 @@ outputs live to the end. First fit over lifetimes, each tensor aligned to 64 byt
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from cnnc.graph import INPUT, Graph
 from cnnc.passes.fuse import groups_of, tensor_of
-from cnnc.passes.layout import lanes_of
+from cnnc.passes.layout import layout_of
 from cnnc.passes.options import Options
 
 ALIGN = 16  # floats: 64 bytes, one cache line and one AVX-512 vector
@@ -48,9 +47,9 @@ def tensor_lifetimes(graph: Graph) -> dict[str, tuple[int, int]]:
 
 
 def plan_memory(graph: Graph, options: Options, reuse: bool = True) -> Graph:
-    lanes = lanes_of(graph)
+    layout = layout_of(graph)
     lifetimes = tensor_lifetimes(graph)
-    sizes = {tensor: math.prod(graph.shape(tensor)) * lanes for tensor in lifetimes}
+    sizes = {tensor: layout.floats(graph.shape(tensor)) for tensor in lifetimes}
     offsets: dict[str, int] = {}
     for tensor in sorted(lifetimes, key=lambda name: (lifetimes[name][0], name)):
         born, dies = lifetimes[tensor]

@@ -17,7 +17,7 @@ from cnnc import ops
 from cnnc.graph import Graph
 from cnnc.kernel import Schedule
 from cnnc.passes.fuse import Group, groups_of, tensor_of
-from cnnc.passes.layout import lanes_of
+from cnnc.passes.layout import layout_of
 from cnnc.passes.options import Options
 
 MAX_ACCUMULATORS = 8  # of 32 vector registers, leave room for inputs and addresses
@@ -67,15 +67,17 @@ def gpu_arch(name: str) -> GpuArch:
 
 
 def tile(graph: Graph, options: Options) -> Graph:
-    lanes = lanes_of(graph)
+    layout = layout_of(graph)
     for group in groups_of(graph):
         producer = group.producer
         channels = 1
         if graph.op(producer) in ("conv2d", "dense"):
             out = graph.shape(producer)[0]
             channels = out // graph.attrs(producer).get("groups", 1)
+            if layout.kind == "channel":  # accumulators hold whole vectors of channels
+                channels = layout.channels(out) // layout.lanes
         picked = group.schedule.replace(
-            lanes=lanes,
+            lanes=layout.lanes,
             oc_block=_largest_divisor(channels, MAX_ACCUMULATORS),
             unroll_max=8,
             gpu_threads=128,
