@@ -11,7 +11,6 @@ import ctypes
 import json
 import math
 import os
-import queue
 import re
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +32,9 @@ from cnnc.version import __version__
 
 TARGETS = ("llvm", "cuda", "cuda-sim")
 EMIT_KINDS = ("ll", "asm", "obj", "so")
+_RUN_KERNEL = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p,
+                               ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                               ctypes.c_void_p)
 _RUN_BLOCKS = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p)
 
@@ -145,11 +147,15 @@ class CompiledModel:
         self.threads = max(1, threads or os.cpu_count() or 1)
         self.kernels = [group.name for group in groups_of(primary.graph)]
         self.output_shapes = [graph.shape(name) for name in graph.outputs]
-        self._module = jit.build_module(_c_name(graph.name), [
-            jit.Variant(variant.runner, variant.lowered, variant.memory.offsets)
-            for variant in variants])
-        self._ll = self._module.text()
-        self._key = cache.key_of(self._ll, jit.host().describe(), __version__)
+        self._jit_variants = [jit.Variant(variant.runner, variant.lowered,
+                                          variant.memory.offsets) for variant in variants]
+        # Parameters live in one array that the code reads through a pointer, so that the
+        # LLVM IR stays small; the cache key covers them and everything else the code
+        # depends on, which lets a cache hit skip LLVM altogether.
+        self._params, self._param_offsets = jit.pack_params(self._jit_variants)
+        self._key = cache.key_of(*jit.fingerprint(self._jit_variants, self._params),
+                                 jit.host().describe(), __version__)
+        self._ll_text: str | None = None
         obj = cache.load(self._key) if use_cache else None
         self.cache_hit = obj is not None
         if obj is None:
@@ -161,12 +167,18 @@ class CompiledModel:
             if use_cache:
                 cache.store(self._key, obj)
         self._library = jit.JitLibrary(obj)
+        self._library.set_params(self._params)
         self._runners = {variant.layout: _RUN_BLOCKS(self._library.address(variant.runner))
                          for variant in variants}
-        self._arenas: dict[str, queue.SimpleQueue[np.ndarray]] = {
-            variant.layout: queue.SimpleQueue() for variant in variants}
+        self._arenas: dict[str, list[tuple[np.ndarray, int]]] = {
+            variant.layout: [] for variant in variants}
+        self._large = variants[0]
+        self._small = self.variant_for(1)
+        self._input_shape = graph.input_shape
+        self._input_rank = 1 + len(graph.input_shape)
         self._pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
         self._output_sizes = [math.prod(shape) for shape in self.output_shapes]
+        self._output_floats = sum(self._output_sizes)
 
     def variant_for(self, batch: int) -> Variant:
         """The variant a call with `batch` images uses: one image per block below a full
@@ -177,48 +189,70 @@ class CompiledModel:
         return self.variants[0]
 
     # --- running -----------------------------------------------------------------------------
+    # The call path is kept short: a float32, C-ordered array of the right shape goes
+    # straight to native code; anything else goes through `check_input` first.
 
     def __call__(self, x: Any) -> np.ndarray | tuple[np.ndarray, ...]:
-        array = check_input(self.graph, x)
-        batch = len(array)
-        total = sum(self._output_sizes)
-        output = np.empty(batch * total, np.float32)
-        variant = self.variant_for(batch)
-        blocks = -(-batch // variant.images_per_block)
-        workers = min(self.threads, blocks)
-        if workers:
-            bounds = [blocks * part // workers for part in range(workers + 1)]
-            ranges = list(zip(bounds[:-1], bounds[1:]))
+        if not (type(x) is np.ndarray and x.dtype == np.float32 and x.flags.c_contiguous
+                and x.shape[1:] == self._input_shape and x.ndim == self._input_rank):
+            x = check_input(self.graph, x)
+        batch = x.shape[0]
+        output = np.empty(batch * self._output_floats, np.float32)
+        if batch:
+            variant = self._small if batch < self.lanes else self._large
+            blocks = -(-batch // variant.images_per_block)
+            workers = min(self.threads, blocks)
+            source, target = _address(x), _address(output)
             if workers == 1 or self._pool is None:
-                self._run(variant, array, output, batch, *ranges[0])
+                self._run(variant, source, target, batch, 0, blocks)
             else:
-                futures = [self._pool.submit(self._run, variant, array, output, batch, first,
-                                             end) for first, end in ranges[1:]]
-                self._run(variant, array, output, batch, *ranges[0])
+                bounds = [blocks * part // workers for part in range(workers + 1)]
+                futures = [self._pool.submit(self._run, variant, source, target, batch, first,
+                                             end) for first, end in zip(bounds[1:-1], bounds[2:])]
+                self._run(variant, source, target, batch, 0, bounds[1])
                 for future in futures:
                     future.result()
+        if len(self.output_shapes) == 1:
+            return output.reshape(batch, *self.output_shapes[0])
         outputs = []
         start = 0
         for size, shape in zip(self._output_sizes, self.output_shapes):
             outputs.append(output[batch * start: batch * (start + size)].reshape(batch, *shape))
             start += size
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+        return tuple(outputs)
 
-    def _run(self, variant: Variant, array: np.ndarray, output: np.ndarray, batch: int,
-             first: int, end: int) -> None:
+    def _run(self, variant: Variant, source: int, target: int, batch: int, first: int,
+             end: int) -> None:
         """Blocks [first, end) on this thread, with an arena no other call is using."""
         arenas = self._arenas[variant.layout]
         try:
-            arena = arenas.get_nowait()
-        except queue.Empty:
-            arena = _aligned_floats(variant.memory.floats)
+            arena = arenas.pop()  # atomic: concurrent calls never share an arena
+        except IndexError:
+            buffer = _aligned_floats(variant.memory.floats)
+            arena = (buffer, _address(buffer))
         try:
-            status = self._runners[variant.layout](array.ctypes.data, output.ctypes.data, batch,
-                                                   first, end, arena.ctypes.data)
+            status = self._runners[variant.layout](source, target, batch, first, end, arena[1])
         finally:
-            arenas.put(arena)
+            arenas.append(arena)
         if status != 0:
             raise RuntimeError(f"model '{self.name}' failed with status {status}")
+
+    def profile(self, batch: int, seconds: float = 0.2) -> str:
+        """Time each kernel of the variant used at `batch` alone, on one thread, and print a
+        table: share of the time, GFLOP/s, fraction of the fp32 peak, bytes moved."""
+        from cnnc.profile import profile_table
+
+        variant = self.variant_for(batch)
+        one = _RUN_KERNEL(self._library.address(f"{variant.runner}_kernel"))
+        x = np.random.default_rng(0).random((batch, *self._input_shape), dtype=np.float32)
+        self(x)
+        output = np.empty(batch * self._output_floats, np.float32)
+        arena = _aligned_floats(variant.memory.floats)
+        blocks = -(-batch // variant.images_per_block)
+        addresses = (_address(x), _address(output), batch, 0, blocks, _address(arena))
+        self._runners[variant.layout](*addresses)  # every intermediate tensor is now valid
+        return profile_table(variant.graph, variant.lowered, batch,
+                             lambda index: one(index, *addresses), seconds)
 
     def memory_bytes(self, batch: int) -> int:
         """Bytes of intermediate memory (all threads' arenas) used at batch size `batch`."""
@@ -229,6 +263,16 @@ class CompiledModel:
         return workers * variant.memory.bytes_per_block()
 
     # --- reading the generated code ----------------------------------------------------------
+
+    @property
+    def _ll(self) -> str:
+        """The LLVM IR of the JIT-compiled module (made on first use: a cache hit has none)."""
+        from cnnc.backends.llvm import jit
+
+        if self._ll_text is None:
+            self._ll_text = jit.build_module(_c_name(self.name), self._jit_variants,
+                                             self._param_offsets).text()
+        return self._ll_text
 
     def source(self, kind: str = "kernel") -> str:
         """The generated code: "kernel" (the loop IR), "ll" (LLVM IR) or "asm"."""
@@ -254,9 +298,7 @@ class CompiledModel:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         name = _c_name(self.name)
-        module = jit.build_module(name, [jit.Variant(variant.runner, variant.lowered,
-                                                     variant.memory.offsets)
-                                         for variant in self.variants])
+        module = jit.build_module(name, self._jit_variants)
         arena = max(variant.memory.floats for variant in self.variants)
         runners = [(variant.runner, variant.images_per_block,
                     0 if variant is self.variant_for(0) else self.lanes)
@@ -310,6 +352,26 @@ class CompiledModel:
             "", f"#endif /* {guard} */", "",
         ]
         return "\n".join(lines)
+
+
+def _data_pointer_offset() -> int | None:
+    """Where a NumPy array object keeps its data pointer (PyArrayObject.data, right after the
+    object header), checked against NumPy's own answer; None if it is not there."""
+    probe = np.zeros(4, np.float32)
+    offset = 2 * ctypes.sizeof(ctypes.c_void_p)
+    found = ctypes.c_void_p.from_address(id(probe) + offset).value
+    return offset if found == probe.ctypes.data else None
+
+
+_DATA_OFFSET = _data_pointer_offset()
+
+
+def _address(array: np.ndarray) -> int:
+    """The address of `array`'s data. Reading it from the object is five times faster than
+    `array.ctypes.data`, which costs more than running a small model."""
+    if _DATA_OFFSET is None:
+        return int(array.ctypes.data)
+    return int(ctypes.c_void_p.from_address(id(array) + _DATA_OFFSET).value or 0)
 
 
 def _aligned_floats(count: int) -> np.ndarray:

@@ -93,7 +93,7 @@ class Load(Expr):
 @dataclass(frozen=True, eq=False)
 class Bin(Expr):
     """Arithmetic (+ - * / on ints or floats, // on non-negative ints), `max` (NaN-propagating,
-    as NumPy's maximum), comparisons (< <= of ints, giving a condition) and `and`."""
+    as NumPy's maximum), comparisons (< <= of ints, giving a condition), `and` and `or`."""
 
     op: str
     left: Expr
@@ -188,6 +188,8 @@ class Schedule:
     `lanes` is the width of the vectorised lane loop (one lane per image of a batch block),
     `unroll_max` the largest reduction loop that is fully unrolled, `oc_block` how many output
     channels one iteration computes together (a register tile that reuses each input load),
+    `x_block` how many neighbouring points of a row it computes together (reusing each
+    weight load),
     `parallel` the loop split across threads. The GPU fields say how a CUDA kernel maps onto
     blocks and threads: `gpu_threads` threads per block, each computing `oc_block` output
     channels at one point; `gpu_batch_inner` puts the images of a batch on neighbouring
@@ -197,6 +199,7 @@ class Schedule:
 
     lanes: int = 1
     oc_block: int = 1
+    x_block: int = 1
     unroll_max: int = 0
     parallel: str = "batch_block"
     gpu_threads: int = 128
@@ -269,7 +272,7 @@ class Kernel:
 
 # --- printing --------------------------------------------------------------------------------
 
-_PRECEDENCE = {"and": 1, "<": 2, "<=": 2, "+": 3, "-": 3, "*": 4, "/": 4, "//": 4}
+_PRECEDENCE = {"or": 0, "and": 1, "<": 2, "<=": 2, "+": 3, "-": 3, "*": 4, "/": 4, "//": 4}
 
 
 def print_expr(expr: Expr, parent: int = 0) -> str:
@@ -291,7 +294,7 @@ def print_expr(expr: Expr, parent: int = 0) -> str:
         if expr.op == "max":
             return f"max({print_expr(expr.left)}, {print_expr(expr.right)})"
         level = _PRECEDENCE[expr.op]
-        op = {"and": "&&", "//": "/"}.get(expr.op, expr.op)
+        op = {"and": "&&", "or": "||", "//": "/"}.get(expr.op, expr.op)
         text = f"{print_expr(expr.left, level)} {op} {print_expr(expr.right, level + 1)}"
         return f"({text})" if level < parent else text
     raise TypeError(f"not an expression: {expr!r}")

@@ -126,15 +126,19 @@ def _pack_input(graph: Graph, layout: Layout) -> Kernel:
             Store("packed", stored, Load("x", image * size + _flat(shape, coords)))])),
         If(Bin("<=", BATCH, image), _point_loops(shape, [Store("packed", stored, Const(0.0))])),
     ]
-    padded = (layout.channels(shape[0]), *shape[1:])
-    if padded[0] > shape[0]:
-        body += _point_loops(padded, [Store("packed", layout.index(
-            shape, _point_coords(shape, first=shape[0])), Const(0.0))], first=shape[0])
+    loops: list[Stmt] = [For("lane", layout.images_per_block, body, role="lane")]
+    floats = layout.floats(shape)
+    if layout.channels(shape[0]) > shape[0]:
+        # Zero the padding channels with whole vectors first; the copy then fills the rest.
+        element = Var("i")
+        width = layout.vector(shape[0])
+        loops.insert(0, For("i", floats // width, [
+            For("lane", width, [Store("packed", element * width + LANE, Const(0.0))],
+                "vectorized", role="lane")]))
     buffers = [Buffer("x", size * layout.images_per_block, "input"),
-               Buffer("packed", layout.floats(shape), "output")]
-    return Kernel("pack_input", [INPUT], buffers,
-                  [For("lane", layout.images_per_block, body, role="lane")],
-                  Schedule(lanes=layout.lanes), uses_batch=True)
+               Buffer("packed", floats, "output")]
+    return Kernel("pack_input", [INPUT], buffers, loops, Schedule(lanes=layout.lanes),
+                  uses_batch=True)
 
 
 def _unpack_output(graph: Graph, output: str, index: int, offset: int,
@@ -213,6 +217,7 @@ class _KernelBuilder:
             body = self.softmax()
         elif producer_op == "concat":
             body = self.concat()
+
         else:
             body = self.pointwise()
         floats = self.layout.floats(graph.shape(group.output))
@@ -221,68 +226,87 @@ class _KernelBuilder:
         return Kernel(group.name, list(group.nodes), self.buffers, body, self.schedule)
 
     def pointwise(self) -> list[Stmt]:
-        """Loops over the output points, `oc_block` channels (or channel vectors) at a time;
-        at each point the vectorised lane loop computes producer -> elementwise -> window ->
-        elementwise -> store."""
+        """Loops over the output points; one iteration computes a register tile of
+        `oc_block` channels (or channel vectors) by `x_block` neighbouring points of a row,
+        each through producer -> elementwise -> window -> elementwise, then stores them."""
         graph, group = self.graph, self.group
         out_shape = graph.shape(group.output)
         # In the channel layout a "channel" of the loop is a vector of `lanes` channels.
-        steps = self.layout.channels(out_shape[0]) // self.lanes if self.by_channel \
+        width = self.layout.vector(out_shape[0])
+        steps = self.layout.channels(out_shape[0]) // width if self.by_channel \
             else out_shape[0]
         block = self.schedule.oc_block if graph.op(group.producer) in ("conv2d", "dense") else 1
         if steps % block:
             block = 1
         channel_block = Var("cb")
-        spatial = [Var("y"), Var("x")][: len(out_shape) - 1]
         if self.by_channel:
-            channels = [(channel_block * block + j) * self.lanes + LANE for j in range(block)]
+            channels = [(channel_block * block + j) * width + LANE for j in range(block)]
         else:
             channels = [channel_block * block + j for j in range(block)]
-        outputs, inner = self.point_values(channels, spatial)
-        for channel, value in zip(channels, outputs):
-            inner.append(Store("out", self.index(group.output, [channel, *spatial]), value))
-        body: list[Stmt] = [For("lane", self.lanes, inner, "vectorized", role="lane")]
-        for var, extent in reversed(list(zip(spatial, out_shape[1:]))):
-            body = [For(var.name, extent, body, role="spatial")]
+        names = ["y", "x"][: len(out_shape) - 1]
+        spatial: list[Expr] = [Var(name) for name in names]
+        across = self.schedule.x_block if spatial and out_shape[-1] % self.schedule.x_block == 0 \
+            and self._x_block_allowed() else 1
+        spots = [spatial[:-1] + [spatial[-1] * across + i] for i in range(across)] if spatial \
+            else [[]]
+        outputs, inner = self.point_values(channels, spots)
+        for (spot, channel), value in zip(_pairs(spots, channels), outputs):
+            inner.append(Store("out", self.index(group.output, [channel, *spot]), value))
+        body: list[Stmt] = [For("lane", width, inner, "vectorized", role="lane")]
+        extents = list(out_shape[1:])
+        if extents:
+            extents[-1] //= across
+        for name, extent in reversed(list(zip(names, extents))):
+            body = [For(name, extent, body, role="spatial")]
         return [For("cb", steps // block, body, role="channel")]
 
-    def point_values(self, channels: list[Expr], spatial: list[Expr]
+    def _x_block_allowed(self) -> bool:
+        """Points of a row share a pooling window's loops only when no window hangs over the
+        edge of the input (else each point would need a check of its own)."""
+        window = self.group.window
+        if window is None or self.graph.op(window) == "global_avgpool2d":
+            return True
+        attrs = self.graph.attrs(window)
+        (kh, kw), (sh, sw) = attrs["kernel_size"], attrs["stride"]
+        _, height, width = self.graph.shape(self.graph.operands(window)[0])
+        out_h, out_w = self.graph.shape(window)[1:]
+        return not (any(attrs["padding"][0]) or any(attrs["padding"][1])
+                    or (out_h - 1) * sh + kh > height or (out_w - 1) * sw + kw > width)
+
+    def point_values(self, channels: list[Expr], spots: list[list[Expr]]
                      ) -> tuple[list[Expr], list[Stmt]]:
-        """Statements computing the group's output at `channels` x `spatial`, and the values."""
+        """Statements computing the group's output at `spots` x `channels`, and the values
+        (spot-major)."""
         group = self.group
         window = group.window
         split = group.nodes.index(window) if window else len(group.nodes)
         head, post = group.nodes[:split], group.nodes[split + 1:]
         stmts: list[Stmt] = []
         if window is None:
-            values = self.produce(head, channels, spatial, stmts)
+            values = self.produce(head, channels, spots, stmts)
         else:
-            values = self.pool(window, head, channels, spatial, stmts)
-        return self.elementwise(post, values, channels, spatial, stmts), stmts
+            values = self.pool(window, head, channels, spots, stmts)
+        return self.elementwise(post, values, channels, spots, stmts), stmts
 
-    def produce(self, nodes: list[str], channels: list[Expr], spatial: list[Expr],
+    def produce(self, nodes: list[str], channels: list[Expr], spots: list[list[Expr]],
                 stmts: list[Stmt]) -> list[Expr]:
         """The values of the last of `nodes` (a producer and elementwise ops) at the points."""
         producer = nodes[0]
         op = self.graph.op(producer)
         if op == "conv2d":
-            values = self.conv2d(producer, channels, spatial, stmts)
+            values = self.conv2d(producer, channels, spots, stmts)
             rest = nodes[1:]
         elif op == "dense":
             values = self.dense(producer, channels, stmts)
             rest = nodes[1:]
-        elif ops.OPS[op].kind == "window":
-            values = [Load(self.input_buffer(self.graph.operands(producer)[0]),
-                           self.index(producer, [channel, *spatial])) for channel in channels]
-            rest = nodes
         else:  # an elementwise op reading its first operand
             source = self.graph.operands(producer)[0]
-            values = [Load(self.input_buffer(source), self.index(source, [channel, *spatial]))
-                      for channel in channels]
+            values = [Load(self.input_buffer(source), self.index(source, [channel, *spot]))
+                      for spot, channel in _pairs(spots, channels)]
             rest = nodes
-        return self.elementwise(rest, values, channels, spatial, stmts)
+        return self.elementwise(rest, values, channels, spots, stmts)
 
-    def conv2d(self, node: str, channels: list[Expr], spatial: list[Expr],
+    def conv2d(self, node: str, channels: list[Expr], spots: list[list[Expr]],
                stmts: list[Stmt]) -> list[Expr]:
         graph = self.graph
         attrs = graph.attrs(node)
@@ -305,39 +329,46 @@ class _KernelBuilder:
         bias = self.bias(params)
         source_buffer = self.input_buffer(source)
 
-        accumulators = [self.fresh("acc") for _ in channels]
-        for channel, acc in zip(channels, accumulators):
-            init: Expr = Load(bias, channel) if bias else Const(0.0)
-            stmts.append(Declare(acc, init))
+        accumulators = [self.fresh("acc") for _ in _pairs(spots, channels)]
+        for (_, channel), acc in zip(_pairs(spots, channels), accumulators):
+            stmts.append(Declare(acc, Load(bias, channel) if bias else Const(0.0)))
         ic, ky, kx = Var(self.fresh("ic")), Var(self.fresh("ky")), Var(self.fresh("kx"))
-        y, x = spatial
-        row = y * sh + ky * dh - top
-        col = x * sw + kx * dw - left
-        # Which input channel a tap reads. In the batch layout a channel block never straddles
-        # a group (oc_block divides out_channels / groups), so one load serves the block; in
-        # the channel layout each lane may be in a group of its own.
-        sources = channels if groups > 1 and self.by_channel else channels[:1]
-        pixels = [self.fresh("v") for _ in sources]
+        row = spots[0][0] * sh + ky * dh - top  # one row for the whole tile
+        # Each weight is loaded once and used at every point of the tile.
+        taps = [self.fresh("w") for _ in channels]
         update: list[Stmt] = []
-        for channel, pixel in zip(sources, pixels):
-            in_channel: Expr = ic
-            if groups > 1:
-                if self.by_channel:  # padding lanes read a real group's input, not past it
-                    channel = Select(less(channel, out_channels), channel, Const(out_channels - 1))
-                group_index = channel if per_group_out == 1 else _floordiv(channel, per_group_out)
-                in_channel = group_index * per_group_in + ic
-            update.append(Declare(pixel, Load(source_buffer,
-                                              self.index(source, [in_channel, row, col]))))
-        for position, (channel, acc) in enumerate(zip(channels, accumulators)):
-            pixel = pixels[position if len(pixels) > 1 else 0]
+        for channel, tap in zip(channels, taps):
             if self.by_channel:
-                tap = ((ic * kh + ky) * kw + kx) * self.layout.channels(out_channels) + channel
+                index = ((ic * kh + ky) * kw + kx) * self.layout.channels(out_channels) + channel
             else:
-                tap = ((channel * per_group_in + ic) * kh + ky) * kw + kx
-            update.append(Assign(acc, Local(acc) + Local(pixel) * Load(weights, tap)))
-        # Without padding the output size keeps every tap inside the input: no checks.
-        col_body = _guarded(update, _in_range(col, width) if left or right else None)
-        row_loop = [For(kx.name, kw, col_body, self._reduce_kind(kw), role="reduce")]
+                index = ((channel * per_group_in + ic) * kh + ky) * kw + kx
+            update.append(Declare(tap, Load(weights, index)))
+        for number, spot in enumerate(spots):
+            col = spot[1] * sw + kx * dw - left
+            # Which input channel a tap reads. In the batch layout a channel block never
+            # straddles a group (oc_block divides out_channels / groups), so one load serves
+            # the block; in the channel layout each lane may be in a group of its own.
+            sources = channels if groups > 1 and self.by_channel else channels[:1]
+            pixels = [self.fresh("v") for _ in sources]
+            point: list[Stmt] = []
+            for channel, pixel in zip(sources, pixels):
+                in_channel: Expr = ic
+                if groups > 1:
+                    if self.by_channel:  # padding lanes read a real group's input, not past it
+                        channel = Select(less(channel, out_channels), channel,
+                                         Const(out_channels - 1))
+                    group_index = channel if per_group_out == 1 else \
+                        _floordiv(channel, per_group_out)
+                    in_channel = group_index * per_group_in + ic
+                point.append(Declare(pixel, Load(source_buffer,
+                                                 self.index(source, [in_channel, row, col]))))
+            for position, tap in enumerate(taps):
+                pixel = pixels[position if len(pixels) > 1 else 0]
+                acc = accumulators[number * len(channels) + position]
+                point.append(Assign(acc, Local(acc) + Local(pixel) * Local(tap)))
+            # Without padding the output size keeps every tap inside the input: no checks.
+            update += _guarded(point, _in_range(col, width) if left or right else None)
+        row_loop = [For(kx.name, kw, update, self._reduce_kind(kw), role="reduce")]
         row_check = _in_range(row, height) if top or bottom else None
         stmts.append(For(ic.name, per_group_in, [
             For(ky.name, kh, _guarded(row_loop, row_check), self._reduce_kind(kh), role="reduce"),
@@ -389,7 +420,7 @@ class _KernelBuilder:
         stmts.append(For(k.name, features, update, role="reduce"))
         return [Local(acc) for acc in accumulators]
 
-    def pool(self, window: str, head: list[str], channels: list[Expr], spatial: list[Expr],
+    def pool(self, window: str, head: list[str], channels: list[Expr], spots: list[list[Expr]],
              stmts: list[Stmt]) -> list[Expr]:
         """Max or average over the window of the values `head` computes around each point."""
         graph = self.graph
@@ -403,28 +434,25 @@ class _KernelBuilder:
         (kh, kw), (sh, sw) = attrs["kernel_size"], attrs["stride"]
         (top, _), (left, _) = attrs["padding"]
         is_max = op == "maxpool2d"
-        results = [self.fresh("pool") for _ in channels]
+        results = [self.fresh("pool") for _ in _pairs(spots, channels)]
         for result in results:
             stmts.append(Declare(result, Const(-math.inf if is_max else 0.0)))
         wy, wx = Var(self.fresh("wy")), Var(self.fresh("wx"))
-        y, x = spatial
-        row, col = y * sh + wy - top, x * sw + wx - left
+        inner_spots = [[spot[0] * sh + wy - top, spot[1] * sw + wx - left] for spot in spots]
         inner: list[Stmt] = []
         if head:
-            values = self.produce(head, channels, [row, col], inner)
+            values = self.produce(head, channels, inner_spots, inner)
         else:
-            values = [Load(self.input_buffer(source), self.index(source, [channel, row, col]))
-                      for channel in channels]
+            values = [Load(self.input_buffer(source), self.index(source, [channel, *spot]))
+                      for spot, channel in _pairs(inner_spots, channels)]
         for result, value in zip(results, values):
             combined = maximum(Local(result), value) if is_max else Local(result) + value
             inner.append(Assign(result, combined))
         out_h, out_w = graph.shape(window)[1:]
-        may_leave = any(attrs["padding"][0]) or any(attrs["padding"][1]) or \
-            (out_h - 1) * sh + kh > height or (out_w - 1) * sw + kw > width
-        inner = _guarded(inner, all_of(_in_range(row, height), _in_range(col, width))
-                         if may_leave else None)
-        stmts.append(For(wy.name, kh, [For(wx.name, kw, inner, "serial",
-                                           role="window")],
+        if not self._x_block_allowed():  # then there is one spot: guard it
+            row, col = inner_spots[0]
+            inner = _guarded(inner, all_of(_in_range(row, height), _in_range(col, width)))
+        stmts.append(For(wy.name, kh, [For(wx.name, kw, inner, "serial", role="window")],
                          "serial", role="window"))
         if is_max:
             return [Local(result) for result in results]
@@ -432,15 +460,20 @@ class _KernelBuilder:
         if np.all(divisor == divisor.flat[0]):
             return [Local(result) / float(divisor.flat[0]) for result in results]
         table = self.param(divisor.astype(np.float32))
-        return [Local(result) / Load(table, y * out_w + x) for result in results]
+        return [Local(result) / Load(table, spot[0] * out_w + spot[1])
+                for result, (spot, _) in zip(results, _pairs(spots, channels))]
 
     def elementwise(self, nodes: list[str], values: list[Expr], channels: list[Expr],
-                    spatial: list[Expr], stmts: list[Stmt]) -> list[Expr]:
+                    spots: list[list[Expr]], stmts: list[Stmt]) -> list[Expr]:
         """Apply the elementwise `nodes` in order; each result is kept in a local."""
         for node in nodes:
             op = self.graph.op(node)
+            if op == "batchnorm2d":
+                scale, shift = ops.batchnorm_scale_shift(self.graph.attrs(node),
+                                                         self.graph.params(node))
+                scales, shifts = self.channel_param(scale), self.channel_param(shift)
             updated: list[Expr] = []
-            for channel, value in zip(channels, values):
+            for (spot, channel), value in zip(_pairs(spots, channels), values):
                 if op == "sigmoid":
                     result = Const(1.0) / (Call("exp", Const(0.0) - value) + 1.0)
                 elif op == "relu":
@@ -449,10 +482,7 @@ class _KernelBuilder:
                     # 1 - 2 / (e^2x + 1) saturates to +-1 instead of overflowing.
                     result = Const(1.0) - Const(2.0) / (Call("exp", value * 2.0) + 1.0)
                 elif op == "batchnorm2d":
-                    scale, shift = ops.batchnorm_scale_shift(self.graph.attrs(node),
-                                                             self.graph.params(node))
-                    result = value * Load(self.channel_param(scale), channel) + \
-                        Load(self.channel_param(shift), channel)
+                    result = value * Load(scales, channel) + Load(shifts, channel)
                 elif op == "add":
                     chain = self.group.nodes[self.group.nodes.index(node) - 1] \
                         if node != self.group.producer else None
@@ -462,7 +492,7 @@ class _KernelBuilder:
                     for position, operand in enumerate(operands):
                         if position != skip:
                             result = result + Load(self.input_buffer(operand),
-                                                   self.index(operand, [channel, *spatial]))
+                                                   self.index(operand, [channel, *spot]))
                 else:
                     raise NotImplementedError(f"no lowering for elementwise op {op}")
                 local = self.fresh("t")
@@ -516,6 +546,11 @@ class _KernelBuilder:
 
     def _reduce_kind(self, extent: int) -> str:
         return "unrolled" if extent <= self.schedule.unroll_max else "serial"
+
+
+def _pairs(spots: list[list[Expr]], channels: list[Expr]) -> list[tuple[list[Expr], Expr]]:
+    """Every (spot, channel) of a register tile, spot-major: the order of its values."""
+    return [(spot, channel) for spot in spots for channel in channels]
 
 
 def _floordiv(expr: Expr, divisor: int) -> Expr:

@@ -17,13 +17,12 @@ from cnnc.graph import INPUT, Graph, format_shape
 def check_input(graph: Graph, x: object) -> np.ndarray:
     """`x` as a C-contiguous float32 array of shape (N, *graph.input_shape), or InputError."""
     array = np.asarray(x)
-    expected = format_shape(graph.input_shape)
     if array.dtype.kind not in "fiub":
-        raise InputError(f"model '{graph.name}' expects a float array {expected}, "
-                         f"got dtype {array.dtype}")
+        raise InputError(f"model '{graph.name}' expects a float array "
+                         f"{format_shape(graph.input_shape)}, got dtype {array.dtype}")
     if array.ndim != 1 + len(graph.input_shape) or tuple(array.shape[1:]) != graph.input_shape:
-        raise InputError(f"model '{graph.name}' expects input {expected}, "
-                         f"got shape ({', '.join(map(str, array.shape))})")
+        raise InputError(f"model '{graph.name}' expects input {format_shape(graph.input_shape)}"
+                         f", got shape ({', '.join(map(str, array.shape))})")
     return np.ascontiguousarray(array, dtype=np.float32)
 
 

@@ -3,16 +3,21 @@ errors), the files `export` writes, and the error for a model called where no GP
 
 from __future__ import annotations
 
+import ctypes
+import enum
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import one_op_graph
+from numpy.testing import assert_allclose
 
 import cnnc
 from cnnc.backends.cuda import codegen, driver_api, nvrtc
+from cnnc.backends.cuda.simulator import SimLibrary
 from cnnc.errors import CompileError, DeviceError
 from cnnc.lower import lower
 from cnnc.passes import Options, groups_of, run_pipeline
@@ -199,6 +204,17 @@ def test_a_compile_error_carries_the_log_and_the_line() -> None:
     assert "at line 3: out[0] = missing;" in str(error)
 
 
+def test_without_nvrtc_target_cuda_says_how_to_install_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Hide NVRTC where it is installed: importing it now fails as where it is not.
+    monkeypatch.setitem(sys.modules, "cuda.bindings.nvrtc", None)
+    bindings = sys.modules.get("cuda.bindings")
+    if bindings is not None:
+        monkeypatch.delattr(bindings, "nvrtc", raising=False)
+    with pytest.raises(CompileError, match=r"needs NVRTC.*pip install 'cnnc\[cuda\]'"):
+        nvrtc.compile_source("", "empty.cu", "sm_90", use_cache=False)
+
+
 def test_ptxas_report_is_parsed() -> None:
     log = """\
 ptxas info    : 232320 bytes gmem, 14504 bytes cmem[3]
@@ -262,3 +278,108 @@ def test_calling_a_cuda_model_without_a_gpu_says_to_use_cuda_sim() -> None:
     assert model.arch == "sm_90"
     with pytest.raises(DeviceError, match=r"no CUDA driver or GPU was found.*target=\"cuda-sim\""):
         model(np.zeros((1, 1, 28, 28), np.float32))
+
+
+# --- the driver-API path, against a stand-in driver ------------------------------------------
+
+
+class FakeDriver:
+    """The calls of cuda.bindings.driver that the backend makes, with its return convention
+    (a tuple led by a CUresult), over host memory; kernels run in the simulator."""
+
+    class CUresult(enum.IntEnum):
+        CUDA_SUCCESS = 0
+        CUDA_ERROR_NO_BINARY_FOR_GPU = 209
+
+    class CUdevice_attribute(enum.IntEnum):
+        CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75
+        CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76
+
+    def __init__(self) -> None:
+        self.ok = self.CUresult.CUDA_SUCCESS
+        self.memory: dict[int, np.ndarray] = {}
+        self.launches: list[tuple[str, int, int]] = []
+        self.library: SimLibrary | None = None
+
+    def cuInit(self, flags: int) -> tuple[object, ...]:
+        return (self.ok,)
+
+    def cuDeviceGetCount(self) -> tuple[object, ...]:
+        return self.ok, 1
+
+    def cuDeviceGet(self, ordinal: int) -> tuple[object, ...]:
+        return self.ok, ordinal
+
+    def cuDeviceGetAttribute(self, attribute: object, device: int) -> tuple[object, ...]:
+        major = attribute == self.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
+        return self.ok, 9 if major else 0
+
+    def cuDeviceGetName(self, length: int, device: int) -> tuple[object, ...]:
+        return self.ok, b"Stand-in GPU".ljust(length, b"\0")
+
+    def cuDevicePrimaryCtxRetain(self, device: int) -> tuple[object, ...]:
+        return self.ok, "context"
+
+    def cuCtxSetCurrent(self, context: object) -> tuple[object, ...]:
+        return (self.ok,)
+
+    def cuModuleLoadData(self, image: bytes) -> tuple[object, ...]:
+        assert image[:4] == b"\x7fELF"
+        return self.ok, "module"
+
+    def cuModuleGetFunction(self, module: object, name: bytes) -> tuple[object, ...]:
+        return self.ok, name.decode()
+
+    def cuMemAlloc(self, size: int) -> tuple[object, ...]:
+        block = np.full(size // 4, np.nan, np.float32)
+        self.memory[block.ctypes.data] = block
+        return self.ok, block.ctypes.data
+
+    def cuMemFree(self, pointer: int) -> tuple[object, ...]:
+        del self.memory[pointer]
+        return (self.ok,)
+
+    def cuMemcpyHtoD(self, device: int, host: int, size: int) -> tuple[object, ...]:
+        ctypes.memmove(device, host, size)
+        return (self.ok,)
+
+    def cuMemcpyDtoH(self, host: int, device: int, size: int) -> tuple[object, ...]:
+        ctypes.memmove(host, device, size)
+        return (self.ok,)
+
+    def cuLaunchKernel(self, function: str, grid_x: int, grid_y: int, grid_z: int,
+                       block_x: int, block_y: int, block_z: int, shared: int, stream: int,
+                       params: int, extra: int) -> tuple[object, ...]:
+        assert (grid_y, grid_z, block_y, block_z, shared, stream, extra) == (1, 1, 1, 1, 0, 0, 0)
+        assert self.library is not None
+        self.library.launch(self.library.names.index(function), grid_x, block_x, params)
+        self.launches.append((function, grid_x, block_x))
+        return (self.ok,)
+
+
+def test_the_driver_api_path_runs_lenet_on_a_stand_in_gpu(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeDriver()
+    monkeypatch.setattr(driver_api, "_driver", lambda: fake)
+    monkeypatch.setattr(driver_api.Device, "_instance", None)
+    driver_api.probe.cache_clear()
+    try:
+        assert driver_api.probe() == ("sm_90", "Stand-in GPU")
+        graph = cnnc.load(LENET)
+        # The simulator's model, turned into a "cuda" one whose cubin the stand-in accepts.
+        model = cnnc.compile(graph, target="cuda-sim")
+        fake.library = model._runner.library
+        monkeypatch.setattr(model, "_binary", nvrtc.Binary("sm_90", "", b"\x7fELF", "", {}))
+        monkeypatch.setattr(model, "target", "cuda")
+        monkeypatch.setattr(model, "_runner", None)
+        rng = np.random.default_rng(11)
+        for batch in (3, 1, 3):
+            x = rng.random((batch, 1, 28, 28), dtype=np.float32)
+            assert_allclose(model(x), cnnc.reference(graph, x), rtol=1e-4, atol=1e-5)
+        assert [name for name, _, _ in fake.launches[:5]] == model.kernels
+        assert fake.launches[0][1:] == (3, 224)  # a block per image
+        assert len(fake.memory) == 2  # one arena per batch size
+        model.close()
+        assert not fake.memory
+    finally:
+        driver_api.probe.cache_clear()

@@ -166,8 +166,8 @@ def test_threads_of_a_block_share_memory_across_a_barrier(barrier_library: SimLi
 
 def test_a_barrier_some_threads_skip_is_an_error(barrier_library: SimLibrary) -> None:
     with pytest.raises(DeviceError, match=r"half_return_early.*16 of 32 threads wait at the "
-                                          r"__syncthreads\(\) on line 13 of the source.*finished without "
-                                          r"reaching it"):
+                                          r"__syncthreads\(\) on line 13 of the source.*"
+                                          r"finished without reaching it"):
         launch(barrier_library, 1, 1, 32)
 
 

@@ -169,9 +169,9 @@ def test_a_schedule_override_is_applied_and_keeps_results(tmp_path: Path) -> Non
     graph = cnnc.load(GOLDEN / "lenet.yaml")
     x = np.load(GOLDEN / "lenet.io.npz")["input"]
     path = tmp_path / "schedule.json"
-    path.write_text('{"conv2d_sigmoid_avgpool2d_1": {"oc_block": 2, "unroll_max": 0}}')
+    path.write_text('{"conv2d_sigmoid_avgpool2d_1": {"oc_block": 2, "unroll_max": 5}}')
     model = cnnc.compile(graph, schedule=path)
-    assert "oc_block=2 unroll_max=0" in model.source("kernel")
+    assert "oc_block=2 x_block=1 unroll_max=5" in model.source("kernel")
     assert_allclose(model(x), cnnc.reference(graph, x), **TOLERANCE)
 
 

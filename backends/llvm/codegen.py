@@ -46,6 +46,7 @@ PointerOf = Callable[[ir.IRBuilder, dict[str, ir.Value]], ir.Value]
 
 # Signature of cnnc_run_blocks: input, output, batch, first block, end block, arena.
 RUN_BLOCKS_ARGS = (F32_PTR, F32_PTR, I64, I64, I64, F32_PTR)
+PARAMS_GLOBAL = "cnnc.params"  # float *: where JIT-compiled kernels find their parameters
 
 
 def lane_coefficient(expr: Expr) -> int | None:
@@ -104,8 +105,18 @@ def can_vectorize(body: list[Stmt]) -> bool:
 class ModuleBuilder:
     """One LLVM module holding the kernels of a model and its entry points."""
 
-    def __init__(self, name: str, triple: str = "", data_layout: str = "") -> None:
+    def __init__(self, name: str, triple: str = "", data_layout: str = "",
+                 param_offsets: dict[str, int] | None = None) -> None:
+        """With `param_offsets` ("<symbol>.<buffer>" -> float offset), parameters are read
+        at run time from the array that the global `cnnc.params` points to, instead of being
+        embedded: the IR stays small and the JIT fast. Without, they are embedded."""
         self.module = ir.Module(name=name)
+        self.param_offsets = param_offsets
+        self.params_global: ir.GlobalVariable | None = None
+        if param_offsets is not None:
+            self.params_global = ir.GlobalVariable(self.module, F32_PTR, name=PARAMS_GLOBAL)
+            self.params_global.initializer = ir.Constant(F32_PTR, None)
+            self.params_global.align = 8
         if triple:
             self.module.triple = triple
         if data_layout:
@@ -130,10 +141,16 @@ class ModuleBuilder:
         function.args[-2].name = "block"
         function.args[-1].name = "batch"
         pointers = {buffer.name: function.args[index] for index, buffer in enumerate(arguments)}
+        offsets: dict[str, int] = {}
         for buffer in kernel.buffers:
-            if buffer.role == "param":
-                pointers[buffer.name] = self._constant(f"{symbol}.{buffer.name}", buffer)
-        _FunctionEmitter(self, function, pointers).emit(kernel.body)
+            if buffer.role != "param":
+                continue
+            key = f"{symbol}.{buffer.name}"
+            if self.param_offsets is None:
+                pointers[buffer.name] = self._constant(key, buffer)
+            else:
+                offsets[buffer.name] = self.param_offsets[key]
+        _FunctionEmitter(self, function, pointers, offsets).emit(kernel.body)
         self.functions[symbol] = function
         layers = ", ".join(json.dumps(layer) for layer in kernel.layers)
         self.comments[symbol] = f"; kernel {kernel.name}: layers {layers}; " \
@@ -155,16 +172,23 @@ class ModuleBuilder:
 
     def add_run_blocks(self, name: str, launches: list[tuple[str, list[PointerOf]]]
                        ) -> ir.Function:
-        """`name(x, y, batch, first, end, arena)`: every kernel, block by block.
+        """`name(x, y, batch, first, end, arena)`: every kernel, block by block; and, for
+        profiling, `name_kernel(which, x, y, batch, first, end, arena)`: kernel `which` alone.
 
         `launches` pairs each kernel's symbol with one function per argument that computes
         its pointer from the entry's arguments (`x`, `y`, `arena`)."""
-        fnty = ir.FunctionType(I32, RUN_BLOCKS_ARGS)
-        function = ir.Function(self.module, fnty, name=name)
+        function = self._block_loop(name, launches, None)
+        self._block_loop(f"{name}_kernel", launches, I64)
+        return function
+
+    def _block_loop(self, name: str, launches: list[tuple[str, list[PointerOf]]],
+                    selector: ir.Type | None) -> ir.Function:
         names = ("x", "y", "batch", "first", "end", "arena")
-        for argument, label in zip(function.args, names):
+        arg_types = ((selector,) if selector else ()) + RUN_BLOCKS_ARGS
+        function = ir.Function(self.module, ir.FunctionType(I32, arg_types), name=name)
+        for argument, label in zip(function.args, (("which",) if selector else ()) + names):
             argument.name = label
-        args = dict(zip(names, function.args))
+        args = dict(zip(names, function.args[1:] if selector else function.args))
         builder = ir.IRBuilder(function.append_basic_block("entry"))
         counter = builder.alloca(I64, name="block.ptr")
         builder.store(args["first"], counter)
@@ -176,9 +200,14 @@ class ModuleBuilder:
         block = builder.load(counter, name="block")
         builder.cbranch(builder.icmp_signed("<", block, args["end"]), body, done)
         builder.position_at_end(body)
-        for symbol, pointers in launches:
+        for index, (symbol, pointers) in enumerate(launches):
             values = [pointer(builder, args) for pointer in pointers]
-            builder.call(self.functions[symbol], [*values, block, args["batch"]])
+            if selector is None:
+                builder.call(self.functions[symbol], [*values, block, args["batch"]])
+                continue
+            chosen = builder.icmp_signed("==", function.args[0], ir.Constant(I64, index))
+            with builder.if_then(chosen):
+                builder.call(self.functions[symbol], [*values, block, args["batch"]])
         builder.store(builder.add(block, ir.Constant(I64, 1)), counter)
         builder.branch(header)
         builder.position_at_end(done)
@@ -215,6 +244,7 @@ class ModuleBuilder:
         status = builder.alloca(I32)
         for runner, per_block, smallest in runners:
             self.functions[runner].linkage = "internal"
+            self.functions[f"{runner}_kernel"].linkage = "internal"
             chosen = function.append_basic_block(f"{runner}.use")
             following = function.append_basic_block(f"{runner}.next")
             builder.cbranch(builder.icmp_signed(">=", batch, ir.Constant(I64, smallest)),
@@ -310,12 +340,18 @@ class _FunctionEmitter:
     values that depend on the lane are vectors."""
 
     def __init__(self, owner: ModuleBuilder, function: ir.Function,
-                 pointers: dict[str, ir.Value]) -> None:
+                 pointers: dict[str, ir.Value], param_offsets: dict[str, int]) -> None:
         self.owner = owner
         self.function = function
-        self.pointers = pointers
+        self.pointers = dict(pointers)
         entry = function.append_basic_block("entry")
         self.allocas = ir.IRBuilder(entry)
+        if param_offsets:
+            assert owner.params_global is not None
+            base = self.allocas.load(owner.params_global, name="params")
+            for name, offset in param_offsets.items():
+                self.pointers[name] = self.allocas.gep(base, [ir.Constant(I64, offset)],
+                                                       name=name)
         self.builder = ir.IRBuilder(function.append_basic_block("body"))
         self.vars: dict[str, ir.Value] = {}
         self.locals: dict[str, ir.Value] = {}
@@ -497,6 +533,8 @@ class _FunctionEmitter:
         left, right = self.pair(expr)
         if expr.op == "and":
             return builder.and_(left, right)
+        if expr.op == "or":
+            return builder.or_(left, right)
         if _is_float(left.type):
             if expr.op == "max":
                 return builder.call(self.owner.intrinsic("llvm.maximum", left.type, 2),

@@ -7,18 +7,25 @@ the engine from the compile cache, which skips optimisation and code generation.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import llvmlite
 import llvmlite.binding as llvm
+import numpy as np
 from llvmlite import ir
 
+from cnnc.backends.llvm import codegen
 from cnnc.backends.llvm.codegen import ModuleBuilder, PointerOf
 from cnnc.kernel import Kernel
 from cnnc.lower import USER_INPUT, USER_OUTPUT, LoweredModel
 
 _LOCK = threading.Lock()
+# The code generator's own source is part of every cache key: a changed backend never
+# loads code that an older one generated.
+_BACKEND_SOURCE = Path(codegen.__file__).read_text() + Path(__file__).read_text()
 _READY = False
 
 
@@ -65,15 +72,53 @@ class Variant:
     offsets: dict[str, int]
 
 
-def build_module(name: str, variants: list[Variant]) -> ModuleBuilder:
+def symbol_of(variant: Variant, kernel: Kernel, variants: list[Variant]) -> str:
+    return f"{variant.runner}.{kernel.name}" if len(variants) > 1 else kernel.name
+
+
+def pack_params(variants: list[Variant]) -> tuple[np.ndarray, dict[str, int]]:
+    """Every kernel's parameters in one float32 array, each 64-byte aligned, and where each
+    starts ("<symbol>.<buffer>" -> float offset)."""
+    offsets: dict[str, int] = {}
+    chunks: list[np.ndarray] = []
+    size = 0
+    for variant in variants:
+        for kernel in variant.lowered.kernels:
+            for buffer in kernel.buffers:
+                if buffer.role == "param" and buffer.data is not None:
+                    offsets[f"{symbol_of(variant, kernel, variants)}.{buffer.name}"] = size
+                    padded = -(-buffer.data.size // 16) * 16
+                    chunk = np.zeros(padded, np.float32)
+                    chunk[: buffer.data.size] = buffer.data
+                    chunks.append(chunk)
+                    size += padded
+    packed = np.concatenate(chunks) if chunks else np.zeros(16, np.float32)
+    return packed, offsets
+
+
+def fingerprint(variants: list[Variant], params: np.ndarray) -> list[str | bytes]:
+    """Everything the generated code depends on, for the compile cache's key: the kernels
+    (loops, schedules, buffers), how launches bind them, the parameters and this backend's
+    own source."""
+    parts: list[str | bytes] = [_BACKEND_SOURCE, params.tobytes()]
+    for variant in variants:
+        parts.append(f"{variant.runner} {sorted(variant.offsets.items())} "
+                     f"{sorted(variant.lowered.bindings.items())}")
+        parts += [kernel.to_text() for kernel in variant.lowered.kernels]
+    return parts
+
+
+def build_module(name: str, variants: list[Variant],
+                 param_offsets: dict[str, int] | None = None) -> ModuleBuilder:
     """The LLVM module of a model: the kernels of every variant, and each variant's entry
-    point `runner(x, y, batch, first_block, end_block, arena)`."""
+    point `runner(x, y, batch, first_block, end_block, arena)`. Parameters are embedded
+    unless `param_offsets` places them in the array behind `cnnc.params`."""
     machine = target_machine()
-    builder = ModuleBuilder(name, machine.triple, str(machine.target_data))
+    builder = ModuleBuilder(name, machine.triple, str(machine.target_data), param_offsets)
     for variant in variants:
         launches: list[tuple[str, list[PointerOf]]] = []
         for kernel in variant.lowered.kernels:
-            symbol = f"{variant.runner}.{kernel.name}" if len(variants) > 1 else kernel.name
+            symbol = symbol_of(variant, kernel, variants)
             builder.add_kernel(kernel, symbol)
             bindings = variant.lowered.bindings[kernel.name]
             launches.append((symbol, [_pointer(bindings[buffer.name], variant.offsets)
@@ -129,6 +174,11 @@ class JitLibrary:
         if not address:
             raise RuntimeError(f"symbol {name} not found in the compiled code")
         return address
+
+    def set_params(self, params: np.ndarray) -> None:
+        """Point the code's `cnnc.params` at `params` (which the caller keeps alive)."""
+        address = int(self.engine.get_global_value_address(codegen.PARAMS_GLOBAL))
+        ctypes.c_void_p.from_address(address).value = params.ctypes.data
 
 
 __all__ = ["HostTarget", "JitLibrary", "Variant", "build_module", "emit_assembly",

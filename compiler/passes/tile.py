@@ -21,11 +21,13 @@ from cnnc.passes.layout import layout_of
 from cnnc.passes.options import Options
 
 MAX_ACCUMULATORS = 8  # of 32 vector registers, leave room for inputs and addresses
+MAX_TILE = 14  # accumulators of a channels x points register tile
 
 GPU_TARGETS = ("cuda", "cuda-sim")
 DEFAULT_GPU_ARCH = "sm_90"
 GPU_MAX_OUTPUTS_PER_THREAD = 8  # accumulators per thread: registers stay well under 64
 GPU_DENSE_OUTPUTS_PER_THREAD = 4  # a dense thread also keeps its input row's address live
+GPU_UNROLL_MAX = 8  # reduction loops up to this long are fully unrolled on the GPU
 GPU_MIN_POINTS = 64  # threads wanted per image, so that a small batch still fills warps
 GPU_MAX_BLOCK = 256
 GPU_BLOCKS_PER_SM = 8  # blocks a staged kernel should fit on one SM, for latency hiding
@@ -75,11 +77,13 @@ def tile(graph: Graph, options: Options) -> Graph:
             out = graph.shape(producer)[0]
             channels = out // graph.attrs(producer).get("groups", 1)
             if layout.kind == "channel":  # accumulators hold whole vectors of channels
-                channels = layout.channels(out) // layout.lanes
+                channels = layout.channels(out) // layout.vector(out)
+        oc_block = _largest_divisor(channels, MAX_ACCUMULATORS)
         picked = group.schedule.replace(
             lanes=layout.lanes,
-            oc_block=_largest_divisor(channels, MAX_ACCUMULATORS),
-            unroll_max=8,
+            oc_block=oc_block,
+            x_block=_x_block(graph, group.output, oc_block, layout.kind),
+            unroll_max=0,  # measured: LLVM schedules the rolled loops better, and sooner
             gpu_threads=128,
         )
         if options.target in GPU_TARGETS:
@@ -88,6 +92,15 @@ def tile(graph: Graph, options: Options) -> Graph:
         overrides = {**options.schedules.get("*", {}), **options.schedules.get(group.name, {})}
         group.schedule = picked.replace(**overrides)
     return graph
+
+
+def _x_block(graph: Graph, output: str, oc_block: int, kind: str) -> int:
+    """Points of a row per iteration: in the channel layout, where one image's channels fill
+    few vectors, neighbouring points share each weight load."""
+    shape = graph.shape(output)
+    if kind != "channel" or len(shape) < 3:
+        return 1
+    return _largest_divisor(shape[-1], max(1, MAX_TILE // oc_block))
 
 
 def _largest_divisor(number: int, limit: int) -> int:
@@ -104,6 +117,8 @@ def _gpu_schedule(graph: Graph, group: Group, picked: Schedule, channels: int,
     are reused across pixels (a convolution or pooling window) and fit the architecture's
     shared-memory budget, a block takes one whole image and stages them in shared memory.
     """
+    # Unrolled kernel windows give the CUDA compiler constant weight offsets.
+    picked = picked.replace(unroll_max=GPU_UNROLL_MAX)
     out_shape = graph.shape(group.output)
     op = graph.op(group.producer)
     computes_channels = op in ("conv2d", "dense")

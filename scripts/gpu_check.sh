@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# GPU check for the CUDA backend, for a machine with an NVIDIA GPU and no network.
+#
+#   bash scripts/gpu_check.sh            (PYTHON=... to choose the interpreter)
+#
+# 1. installs this checkout into the current Python (no dependencies are fetched: numpy,
+#    llvmlite, networkx, click, pyyaml, cuda-bindings and nvidia-cuda-nvrtc must be there);
+# 2. compiles every golden model (tests/golden) for the GPU present, fused and unfused, runs
+#    each on the GPU and compares with the expected outputs (rtol 1e-4, atol 1e-5);
+# 3. times LeNet at batch 1, 256 and 4096 against PyTorch CUDA eager (when importable), in
+#    the same process, and prints one table.
+# Exits 0 only when every golden case matched. Takes a minute or two on an H100.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+python="${PYTHON:-python3}"
+
+echo "== gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ) in $(pwd)"
+echo "== python: $("$python" --version 2>&1) ($(command -v "$python"))"
+if command -v nvidia-smi >/dev/null 2>&1; then
+    echo "== nvidia-smi: $(nvidia-smi --query-gpu=name,driver_version,memory.total \
+        --format=csv,noheader 2>/dev/null | head -n 1)"
+fi
+
+echo "== step 1: pip install --no-deps --no-build-isolation -e . (this checkout)"
+if ! "$python" -m pip install --quiet --no-deps --no-build-isolation -e . ; then
+    echo "gpu_check: installing the checkout failed (is setuptools>=64 installed?)" >&2
+    exit 1
+fi
+"$python" -c "import cnnc, sys; print('   cnnc', cnnc.__version__, 'from', cnnc.__file__)"
+
+echo "== steps 2 and 3: golden models on the GPU, then LeNet timings"
+exec "$python" - <<'PY'
+"""Golden cases on the GPU, then LeNet timed against PyTorch eager."""
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import cnnc
+from cnnc.backends.cuda import driver_api, nvrtc
+
+GOLDEN = Path("tests/golden")
+TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
+
+arch, name = driver_api.probe()
+if arch is None:
+    print(f"gpu_check: no GPU to check: {name}", file=sys.stderr)
+    sys.exit(2)
+missing = nvrtc.available()
+if missing is not None:
+    print(f"gpu_check: {missing}", file=sys.stderr)
+    sys.exit(2)
+print(f"   GPU 0: {name} ({arch}); NVRTC {nvrtc.version()}")
+
+# --- step 2: every golden case, fused and unfused --------------------------------------------
+
+failures = 0
+checked = 0
+compile_arch = None
+for path in sorted(GOLDEN.glob("*.yaml")):
+    case = path.stem
+    graph = cnnc.load(path)
+    data = np.load(GOLDEN / f"{case}.io.npz")
+    expected = [data["expected"]] if len(graph.outputs) == 1 else \
+        [data[f"expected_{output}"] for output in graph.outputs]
+    for fuse in (True, False):
+        label = f"{case} ({'fused' if fuse else 'unfused'})"
+        try:
+            model = cnnc.compile(graph, target="cuda", fuse=fuse)
+            compile_arch = model.arch
+            result = model(data["input"])
+            actual = list(result) if isinstance(result, tuple) else [result]
+            errors = []
+            for got, want in zip(actual, expected, strict=True):
+                np.testing.assert_allclose(got, want, **TOLERANCE)
+                errors.append(float(np.max(np.abs(got - want))) if got.size else 0.0)
+            spills = sum(used["spill_bytes"] for used in model.resources.values())
+            print(f"   ok    {label:34s} {len(model.kernels):2d} kernels, max |error| "
+                  f"{max(errors):.2e}, spill bytes {spills}")
+        except Exception as error:  # report every case, then fail at the end
+            failures += 1
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            print(f"   FAIL  {label:34s} {type(error).__name__}: {first_line}")
+        checked += 1
+print(f"   golden: {checked - failures} of {checked} matched on the GPU "
+      f"(compiled for {compile_arch})")
+
+# --- step 3: LeNet timings -------------------------------------------------------------------
+
+lenet_path = GOLDEN / "lenet.yaml"
+graph = cnnc.load(lenet_path)
+model = cnnc.compile(graph, target="cuda")
+print(f"   LeNet kernels ({model.arch}):")
+for kernel, used in model.resources.items():
+    launch = next(item for item in model.program.launches if item.name == kernel)
+    print(f"     {kernel:28s} block {launch.threads:4d}  {launch.mapping:15s} "
+          f"registers {used['registers']:3d}  shared {used['shared_bytes']:5d} B  "
+          f"spills {used['spill_bytes']} B")
+
+try:
+    import torch
+    from torch import nn
+
+    torch_ok = torch.cuda.is_available()
+    torch_note = f"PyTorch {torch.__version__}" if torch_ok else \
+        "PyTorch is installed but sees no GPU"
+except ImportError:
+    torch_ok = False
+    torch_note = "PyTorch is not importable: its columns are left empty"
+
+torch_model = None
+if torch_ok:
+    # Plain float32 on both sides: no TF32 in PyTorch's convolutions and matrix products.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
+    torch_model = nn.Sequential(
+        nn.Conv2d(1, 6, kernel_size=5, padding=2), nn.Sigmoid(),
+        nn.AvgPool2d(kernel_size=2, stride=2),
+        nn.Conv2d(6, 16, kernel_size=5), nn.Sigmoid(),
+        nn.AvgPool2d(kernel_size=2, stride=2),
+        nn.Flatten(),
+        nn.Linear(400, 120), nn.Sigmoid(),
+        nn.Linear(120, 84), nn.Sigmoid(),
+        nn.Linear(84, 10),
+    )
+    weights = np.load(GOLDEN / "lenet.weights.npz")
+    torch_model.load_state_dict({key: torch.from_numpy(weights[key]) for key in weights.files})
+    torch_model = torch_model.cuda().eval()
+
+
+def median_seconds(run, repeats):
+    run()
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def torch_device_seconds(x_gpu, repeats):
+    with torch.inference_mode():
+        torch_model(x_gpu)
+        torch.cuda.synchronize()
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            torch_model(x_gpu)
+        stop.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(stop) / 1000 / repeats
+
+
+def torch_end_to_end(x):
+    with torch.inference_mode():
+        return torch_model(torch.from_numpy(x).cuda()).cpu().numpy()
+
+
+rows = []
+rng = np.random.default_rng(0)
+for batch, repeats in ((1, 200), (256, 100), (4096, 30)):
+    x = rng.random((batch, 1, 28, 28), dtype=np.float32)
+    ours = model(x)
+    np.testing.assert_allclose(ours, cnnc.reference(graph, x), **TOLERANCE)
+    row = {"batch": batch,
+           "cnnc": median_seconds(lambda x=x: model(x), repeats),
+           "cnnc_device": model.time_kernels(batch, repeats)}
+    if torch_model is not None:
+        theirs = torch_end_to_end(x)
+        row["agree"] = float(np.max(np.abs(theirs - ours)))
+        row["torch"] = median_seconds(lambda x=x: torch_end_to_end(x), repeats)
+        row["torch_device"] = torch_device_seconds(torch.from_numpy(x).cuda(), repeats)
+    rows.append(row)
+
+
+def ms(value):
+    return f"{value * 1e3:9.3f}" if value is not None else "        -"
+
+
+print()
+print(f"LeNet on {name} ({model.arch}), float32, median milliseconds per batch; {torch_note}.")
+print("  end to end: NumPy array in, NumPy array out (copies included);")
+print("  on device: the input already on the GPU, kernels only (CUDA events).")
+print(f"  {'batch':>6}  {'cnnc e2e':>9}  {'torch e2e':>9}  {'speedup':>7}  "
+      f"{'cnnc dev':>9}  {'torch dev':>9}  {'speedup':>7}  {'max |cnnc-torch|':>16}")
+for row in rows:
+    e2e = f"{row['torch'] / row['cnnc']:6.2f}x" if "torch" in row else "      -"
+    dev = f"{row['torch_device'] / row['cnnc_device']:6.2f}x" if "torch" in row else "      -"
+    agree = f"{row['agree']:16.2e}" if "agree" in row else f"{'-':>16}"
+    print(f"  {row['batch']:>6}  {ms(row['cnnc'])}  {ms(row.get('torch'))}  {e2e:>7}  "
+          f"{ms(row['cnnc_device'])}  {ms(row.get('torch_device'))}  {dev:>7}  {agree}")
+print()
+if failures:
+    print(f"gpu_check: FAILED: {failures} golden case(s) did not match on the GPU",
+          file=sys.stderr)
+    sys.exit(1)
+print("gpu_check: passed: every golden case matched on the GPU")
+PY
