@@ -92,6 +92,10 @@ def _compile_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--arch", default=None,
                      help="CUDA architecture, e.g. sm_90.  [default: the GPU present, else "
                           "sm_90]"),
+        click.option("--fast-math", is_flag=True,
+                     help="CUDA: use the fast, less exact math functions (__expf)."),
+        click.option("--check-bounds", is_flag=True,
+                     help="Debug: the generated code checks every load and store."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -100,11 +104,12 @@ def _compile_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def _compile(graph: Graph, target: str, no_fuse: bool, schedule: Path | None,
              disabled: tuple[str, ...], threads: int | None, arch: str | None,
+             fast_math: bool = False, check_bounds: bool = False,
              dump_ir: Path | None = None) -> Any:
     try:
         return compile_model(graph, target=target, fuse=not no_fuse, threads=threads,
                              schedule=schedule, disable_passes=disabled, dump_ir=dump_ir,
-                             arch=arch)
+                             arch=arch, fast_math=fast_math, check_bounds=check_bounds)
     except ValueError as error:  # a bad schedule file or field
         if isinstance(error, CnncError):
             raise
@@ -127,14 +132,16 @@ def _compile(graph: Graph, target: str, no_fuse: bool, schedule: Path | None,
 @_compile_options
 def compile_command(model: Path, target: str, output_dir: Path | None, emit: str,
                     dump_ir: Path | None, verbose: bool, no_fuse: bool, schedule: Path | None,
-                    disabled: tuple[str, ...], threads: int | None, arch: str | None) -> None:
+                    disabled: tuple[str, ...], threads: int | None, arch: str | None,
+                    fast_math: bool, check_bounds: bool) -> None:
     """Compile MODEL and print its kernels; with -o, write the compiled files."""
     kinds = tuple(kind.strip() for kind in emit.split(",") if kind.strip())
     unknown = sorted(set(kinds) - set(EMIT_KINDS))
     if unknown:
         raise _Failure(f"unknown --emit kind '{unknown[0]}'; expected {', '.join(EMIT_KINDS)}")
     start = time.perf_counter()
-    compiled = _compile(load(model), target, no_fuse, schedule, disabled, threads, arch, dump_ir)
+    compiled = _compile(load(model), target, no_fuse, schedule, disabled, threads, arch,
+                        fast_math, check_bounds, dump_ir)
     seconds = time.perf_counter() - start
     click.echo(f"compiled {compiled.name} for {target} in {seconds:.2f} s: "
                f"{len(compiled.kernels)} kernels")
@@ -176,7 +183,7 @@ def compile_command(model: Path, target: str, output_dir: Path | None, emit: str
 def run(model: Path, input_path: Path | None, batch: int | None, seed: int | None,
         output_path: Path | None, target: str, check: bool, no_fuse: bool,
         schedule: Path | None, disabled: tuple[str, ...], threads: int | None,
-        arch: str | None) -> None:
+        arch: str | None, fast_math: bool, check_bounds: bool) -> None:
     """Run MODEL on an input and print the shape of each output.
 
     For an output of shape (N, classes) it also prints the top-1 class of each row.
@@ -194,7 +201,8 @@ def run(model: Path, input_path: Path | None, batch: int | None, seed: int | Non
         x = rng.random((batch or 1, *loaded.input_shape), dtype=np.float32)
         origin = f"random, seed {seed or 0}"
     runner = _make_runner(loaded, target, no_fuse=no_fuse, schedule=schedule,
-                          disabled=disabled, threads=threads, arch=arch)
+                          disabled=disabled, threads=threads, arch=arch, fast_math=fast_math,
+                          check_bounds=check_bounds)
     result = runner(x)
     outputs = result if isinstance(result, tuple) else (result,)
 
@@ -260,6 +268,37 @@ def bench(model: Path, target: str, batches: str, thread_counts: str, against: s
                    "notes": report.notes}
         json_path.write_text(json.dumps(records, indent=2) + "\n")
         click.echo(f"wrote {json_path}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--target", "-t", type=click.Choice(["llvm"]), default="llvm", show_default=True,
+              help="The target whose kernels are tuned.")
+@click.option("--seconds", type=click.FloatRange(min=1), default=60, show_default=True,
+              help="About how long to search, over all kernels.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Fixes the order the search tries schedules in.")
+@click.option("--output", "-o", "output_path", type=click.Path(dir_okay=False, path_type=Path),
+              required=True, help="The JSON-lines file of tuned schedules to write.")
+def tune(model: Path, target: str, seconds: float, seed: int, output_path: Path) -> None:
+    """Search each kernel's schedule with real measurements; write the best per kernel.
+
+    `cnnc compile --schedule FILE` (and `run`, `bench`) replay the file without measuring.
+    Each candidate is checked against the NumPy reference before it is timed.
+    """
+    from cnnc.backends.llvm.jit import host
+    from cnnc.tune import tune as search
+
+    loaded = load(model)
+    with click.progressbar(length=2 * len(loaded), label="tuning", file=None) as bar:
+        records = search(loaded, seconds, seed, progress=bar.update)
+    lines = [record.to_json(host().cpu) for record in records]
+    output_path.write_text("".join(line + "\n" for line in lines))
+    for record in records:
+        gain = record.default_seconds / record.seconds if record.seconds else 1.0
+        click.echo(f"{record.layout:>7} {record.kernel:<32} {record.seconds * 1e6:9.1f} us "
+                   f"({gain:.2f}x the heuristic)  {record.schedule}")
+    click.echo(f"wrote {output_path}")
 
 
 def _int_list(text: str, option: str) -> list[int]:

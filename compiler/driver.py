@@ -13,6 +13,7 @@ import math
 import os
 import re
 import subprocess
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from cnnc import cache
-from cnnc.errors import CompileError, InputError
+from cnnc.errors import BoundsError, CompileError, InputError
 from cnnc.frontend import load
 from cnnc.graph import Graph
 from cnnc.lower import LoweredModel, lower
@@ -49,7 +50,7 @@ def read_schedules(source: str | Path | dict[str, Any] | None) -> dict[str, dict
     text = Path(source).read_text()
     try:
         data = json.loads(text)
-        if isinstance(data, dict):
+        if isinstance(data, dict) and "schedule" not in data:  # not one tuner record
             return {str(name): dict(fields) for name, fields in data.items()}
     except json.JSONDecodeError:
         pass
@@ -58,10 +59,22 @@ def read_schedules(source: str | Path | dict[str, Any] | None) -> dict[str, dict
         if line.strip():
             try:
                 record = json.loads(line)
-                schedules[record["kernel"]] = dict(record["schedule"])
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                key = record.get("signature") or record["kernel"]
+                schedule = dict(record["schedule"])
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
                 raise ValueError(f"{source}:{number}: not a schedule record: {error}") from None
+            # A tuned record holds for the CPU and the cnnc it was measured with.
+            if record.get("cpu") not in (None, _host_cpu()) or \
+                    record.get("cnnc") not in (None, __version__):
+                continue
+            schedules[key] = schedule
     return schedules
+
+
+def _host_cpu() -> str:
+    from cnnc.backends.llvm import jit
+
+    return jit.host().cpu
 
 
 LAYOUTS = ("auto", "batch", "channel")
@@ -96,12 +109,16 @@ def compile(  # noqa: A001 - the public name the users asked for
     use_cache: bool = True,
     arch: str | None = None,
     layout: str = "auto",
+    fast_math: bool = False,
+    check_bounds: bool = False,
 ) -> Any:
     """Compile `model` (a path or a Graph) for `target`; returns a callable model: a
     `CompiledModel` for "llvm", the CUDA backend's model for "cuda" and "cuda-sim".
 
     On the CPU, `layout="auto"` compiles the model twice: batch-blocked for many images and
-    channel-vectorised for a few; each call uses the one that suits its batch size."""
+    channel-vectorised for a few; each call uses the one that suits its batch size.
+    `check_bounds` (debug) makes every load and store check its index; an access out of
+    bounds then raises `CnncError` instead of touching memory."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; targets: {', '.join(TARGETS)}")
     if layout not in LAYOUTS:
@@ -110,9 +127,14 @@ def compile(  # noqa: A001 - the public name the users asked for
     schedules = read_schedules(schedule)
     dump_dir = Path(dump_ir) if dump_ir is not None else None
     kinds = ("batch", "channel") if layout == "auto" or target != "llvm" else (layout,)
+    if target != "llvm" and arch is None:
+        from cnnc.backends.cuda import resolve_arch
+
+        arch = resolve_arch(None)  # the GPU present, so that tiling and NVRTC agree
     variants = []
     for number, kind in enumerate(kinds if target == "llvm" else kinds[:1]):
-        options = Options(target=target, fuse=fuse, schedules=schedules, arch=arch, layout=kind)
+        options = Options(target=target, fuse=fuse, schedules=schedules, arch=arch, layout=kind,
+                          fast_math=fast_math, check_bounds=check_bounds)
         # The first variant's passes are dumped in DIR, a second one's in DIR/<layout>.
         where = dump_dir if dump_dir is None or number == 0 else dump_dir / f"{kind}_layout"
         compiled = run_pipeline(graph, options, disable_passes, where)
@@ -127,14 +149,14 @@ def compile(  # noqa: A001 - the public name the users asked for
         only = variants[0]
         return compile_cuda(graph, only.graph, only.lowered, only.memory, options,
                             use_cache=use_cache)
-    return CompiledModel(graph, variants, threads, use_cache)
+    return CompiledModel(graph, variants, threads, use_cache, check_bounds)
 
 
 class CompiledModel:
     """A model compiled for the host CPU. Call it on a float array (N, C, H, W)."""
 
     def __init__(self, graph: Graph, variants: list[Variant], threads: int | None,
-                 use_cache: bool) -> None:
+                 use_cache: bool, check_bounds: bool = False) -> None:
         from cnnc.backends.llvm import jit
 
         self.graph = graph
@@ -153,8 +175,10 @@ class CompiledModel:
         # LLVM IR stays small; the cache key covers them and everything else the code
         # depends on, which lets a cache hit skip LLVM altogether.
         self._params, self._param_offsets = jit.pack_params(self._jit_variants)
+        self.check_bounds = check_bounds
         self._key = cache.key_of(*jit.fingerprint(self._jit_variants, self._params),
-                                 jit.host().describe(), __version__)
+                                 jit.host().describe(), __version__,
+                                 f"check_bounds={check_bounds}")
         self._ll_text: str | None = None
         obj = cache.load(self._key) if use_cache else None
         self.cache_hit = obj is not None
@@ -168,6 +192,7 @@ class CompiledModel:
                 cache.store(self._key, obj)
         self._library = jit.JitLibrary(obj)
         self._library.set_params(self._params)
+        self._bounds_flag = self._library.bounds_flag() if check_bounds else None
         self._runners = {variant.layout: _RUN_BLOCKS(self._library.address(variant.runner))
                          for variant in variants}
         self._arenas: dict[str, list[tuple[np.ndarray, int]]] = {
@@ -236,6 +261,32 @@ class CompiledModel:
             arenas.append(arena)
         if status != 0:
             raise RuntimeError(f"model '{self.name}' failed with status {status}")
+        if self._bounds_flag is not None and self._bounds_flag.value:
+            from cnnc.backends.llvm import jit
+
+            kernel = jit.kernel_symbols(self._jit_variants)[self._bounds_flag.value - 1]
+            self._bounds_flag.value = 0
+            raise BoundsError(f"kernel {kernel} of model '{self.name}' indexed out of bounds "
+                              f"(batch {batch}, blocks {first} to {end}); nothing outside its "
+                              "buffers was touched")
+
+    def kernel_runner(self, variant: Variant, batch: int) -> Callable[[int], int]:
+        """A function that runs kernel k (counting the edge kernels) of `variant` alone over
+        a batch of `batch` random images, after one full run has filled every tensor."""
+        one = _RUN_KERNEL(self._library.address(f"{variant.runner}_kernel"))
+        x = np.random.default_rng(0).random((batch, *self._input_shape), dtype=np.float32)
+        output = np.empty(batch * self._output_floats, np.float32)
+        arena = _aligned_floats(variant.memory.floats)
+        blocks = -(-batch // variant.images_per_block)
+        addresses = (_address(x), _address(output), batch, 0, blocks, _address(arena))
+        self._runners[variant.layout](*addresses)
+        keep = (x, output, arena)  # alive as long as the runner
+
+        def run(index: int) -> int:
+            assert keep
+            return int(one(index, *addresses))
+
+        return run
 
     def profile(self, batch: int, seconds: float = 0.2) -> str:
         """Time each kernel of the variant used at `batch` alone, on one thread, and print a
@@ -243,16 +294,8 @@ class CompiledModel:
         from cnnc.profile import profile_table
 
         variant = self.variant_for(batch)
-        one = _RUN_KERNEL(self._library.address(f"{variant.runner}_kernel"))
-        x = np.random.default_rng(0).random((batch, *self._input_shape), dtype=np.float32)
-        self(x)
-        output = np.empty(batch * self._output_floats, np.float32)
-        arena = _aligned_floats(variant.memory.floats)
-        blocks = -(-batch // variant.images_per_block)
-        addresses = (_address(x), _address(output), batch, 0, blocks, _address(arena))
-        self._runners[variant.layout](*addresses)  # every intermediate tensor is now valid
         return profile_table(variant.graph, variant.lowered, batch,
-                             lambda index: one(index, *addresses), seconds)
+                             self.kernel_runner(variant, batch), seconds)
 
     def memory_bytes(self, batch: int) -> int:
         """Bytes of intermediate memory (all threads' arenas) used at batch size `batch`."""
@@ -271,7 +314,7 @@ class CompiledModel:
 
         if self._ll_text is None:
             self._ll_text = jit.build_module(_c_name(self.name), self._jit_variants,
-                                             self._param_offsets).text()
+                                             self._param_offsets, self.check_bounds).text()
         return self._ll_text
 
     def source(self, kind: str = "kernel") -> str:

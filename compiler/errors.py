@@ -65,3 +65,7 @@ class InputError(CnncError, ValueError):
 
 class DeviceError(CnncError, RuntimeError):
     """No GPU or driver to run on, or a kernel failed on the GPU or in the CUDA simulator."""
+
+
+class BoundsError(CnncError, RuntimeError):
+    """Generated code compiled with `check_bounds` tried to access memory out of bounds."""

@@ -233,6 +233,7 @@ class Buffer:
     size: int
     role: str  # "input", "output" or "param"
     data: np.ndarray | None = None
+    per_image: int = 0  # the user's arrays: batch * per_image floats, whatever the block
 
 
 @dataclass(eq=False)

@@ -135,7 +135,7 @@ def _pack_input(graph: Graph, layout: Layout) -> Kernel:
         loops.insert(0, For("i", floats // width, [
             For("lane", width, [Store("packed", element * width + LANE, Const(0.0))],
                 "vectorized", role="lane")]))
-    buffers = [Buffer("x", size * layout.images_per_block, "input"),
+    buffers = [Buffer("x", size * layout.images_per_block, "input", per_image=size),
                Buffer("packed", floats, "output")]
     return Kernel("pack_input", [INPUT], buffers, loops, Schedule(lanes=layout.lanes),
                   uses_batch=True)
@@ -154,7 +154,7 @@ def _unpack_output(graph: Graph, output: str, index: int, offset: int,
     body: list[Stmt] = [For("lane", layout.images_per_block, [If(less(image, BATCH), copy)],
                             role="lane")]
     buffers = [Buffer("packed", layout.floats(shape), "input"),
-               Buffer("y", size * layout.images_per_block, "output")]
+               Buffer("y", size * layout.images_per_block, "output", per_image=offset + size)]
     return Kernel(f"unpack_output_{index}", [output], buffers, body,
                   Schedule(lanes=layout.lanes), uses_batch=True)
 
@@ -236,8 +236,10 @@ class _KernelBuilder:
         steps = self.layout.channels(out_shape[0]) // width if self.by_channel \
             else out_shape[0]
         block = self.schedule.oc_block if graph.op(group.producer) in ("conv2d", "dense") else 1
-        if steps % block:
-            block = 1
+        groups = graph.attrs(group.producer).get("groups", 1) if graph.op(group.producer) == \
+            "conv2d" else 1
+        if steps % block or (not self.by_channel and (out_shape[0] // groups) % block):
+            block = 1  # a block must not straddle the end or, in the batch layout, a group
         channel_block = Var("cb")
         if self.by_channel:
             channels = [(channel_block * block + j) * width + LANE for j in range(block)]

@@ -47,6 +47,7 @@ PointerOf = Callable[[ir.IRBuilder, dict[str, ir.Value]], ir.Value]
 # Signature of cnnc_run_blocks: input, output, batch, first block, end block, arena.
 RUN_BLOCKS_ARGS = (F32_PTR, F32_PTR, I64, I64, I64, F32_PTR)
 PARAMS_GLOBAL = "cnnc.params"  # float *: where JIT-compiled kernels find their parameters
+BOUNDS_GLOBAL = "cnnc.out_of_bounds"  # i32: 1 + the kernel that went out of bounds, or 0
 
 
 def lane_coefficient(expr: Expr) -> int | None:
@@ -106,12 +107,20 @@ class ModuleBuilder:
     """One LLVM module holding the kernels of a model and its entry points."""
 
     def __init__(self, name: str, triple: str = "", data_layout: str = "",
-                 param_offsets: dict[str, int] | None = None) -> None:
+                 param_offsets: dict[str, int] | None = None, check_bounds: bool = False
+                 ) -> None:
         """With `param_offsets` ("<symbol>.<buffer>" -> float offset), parameters are read
         at run time from the array that the global `cnnc.params` points to, instead of being
         embedded: the IR stays small and the JIT fast. Without, they are embedded."""
         self.module = ir.Module(name=name)
         self.param_offsets = param_offsets
+        self.kernel_count = 0
+        self.bounds_global: ir.GlobalVariable | None = None
+        if check_bounds:
+            # Debug mode: every access checks its index; a bad one is redirected to element 0
+            # and recorded here for the caller, instead of touching memory it must not.
+            self.bounds_global = ir.GlobalVariable(self.module, I32, name=BOUNDS_GLOBAL)
+            self.bounds_global.initializer = ir.Constant(I32, 0)
         self.params_global: ir.GlobalVariable | None = None
         if param_offsets is not None:
             self.params_global = ir.GlobalVariable(self.module, F32_PTR, name=PARAMS_GLOBAL)
@@ -150,7 +159,13 @@ class ModuleBuilder:
                 pointers[buffer.name] = self._constant(key, buffer)
             else:
                 offsets[buffer.name] = self.param_offsets[key]
-        _FunctionEmitter(self, function, pointers, offsets).emit(kernel.body)
+        self.kernel_count += 1
+        limits = {buffer.name: buffer.per_image or buffer.size for buffer in kernel.buffers}
+        scaled = {buffer.name for buffer in kernel.buffers if buffer.per_image}
+        emitter = _FunctionEmitter(self, function, pointers, offsets)
+        if self.bounds_global is not None:
+            emitter.bounds = (self.kernel_count, limits, scaled)
+        emitter.emit(kernel.body)
         self.functions[symbol] = function
         layers = ", ".join(json.dumps(layer) for layer in kernel.layers)
         self.comments[symbol] = f"; kernel {kernel.name}: layers {layers}; " \
@@ -357,6 +372,8 @@ class _FunctionEmitter:
         self.locals: dict[str, ir.Value] = {}
         self.width = 0
         self.scalar_lane = False  # emit lane-dependent expressions for lane 0 only
+        # With check_bounds: (kernel number, buffer -> floats, buffers scaled by the batch).
+        self.bounds: tuple[int, dict[str, int], set[str]] | None = None
 
     def emit(self, body: list[Stmt]) -> None:
         self.block(body)
@@ -427,10 +444,30 @@ class _FunctionEmitter:
             self.scalar_lane = True
             offset = self.value(index)
             self.scalar_lane = False
+            offset = self.checked(buffer, offset, self.width)
             return self.builder.gep(self.pointers[buffer], [offset]), True
         if coefficient == 0:
-            return self.builder.gep(self.pointers[buffer], [self.value(index)]), False
+            offset = self.checked(buffer, self.value(index), 1)
+            return self.builder.gep(self.pointers[buffer], [offset]), False
         raise _NotAffine()
+
+    def checked(self, buffer: str, first: ir.Value, span: int) -> ir.Value:
+        """`first` when [first, first + span) lies inside `buffer`; else, in check_bounds
+        mode, record the kernel and return 0 so that nothing out of bounds is touched."""
+        if self.bounds is None:
+            return first
+        number, limits, scaled = self.bounds
+        builder = self.builder
+        limit: ir.Value = ir.Constant(I64, limits[buffer])
+        if buffer in scaled:
+            limit = builder.mul(self.function.args[-1], limit)  # batch * floats per image
+        last = builder.add(first, ir.Constant(I64, span))
+        inside = builder.and_(builder.icmp_signed(">=", first, ir.Constant(I64, 0)),
+                              builder.icmp_signed("<=", last, limit))
+        with builder.if_then(builder.not_(inside), likely=False):
+            assert self.owner.bounds_global is not None
+            builder.store(ir.Constant(I32, number), self.owner.bounds_global)
+        return builder.select(inside, first, ir.Constant(I64, 0))
 
     def load(self, expr: Load) -> ir.Value:
         try:
@@ -448,6 +485,7 @@ class _FunctionEmitter:
         result: ir.Value = ir.Constant(ir.VectorType(F32, self.width), None)
         for lane in range(self.width):
             index = self.builder.extract_element(indices, ir.Constant(I32, lane))
+            index = self.checked(expr.buffer, index, 1)
             element = self.builder.load(self.builder.gep(self.pointers[expr.buffer], [index]))
             result = self.builder.insert_element(result, element, ir.Constant(I32, lane))
         return result

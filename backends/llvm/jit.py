@@ -96,6 +96,12 @@ def pack_params(variants: list[Variant]) -> tuple[np.ndarray, dict[str, int]]:
     return packed, offsets
 
 
+def kernel_symbols(variants: list[Variant]) -> list[str]:
+    """Every kernel's symbol, in the order `build_module` adds (and numbers) them."""
+    return [symbol_of(variant, kernel, variants)
+            for variant in variants for kernel in variant.lowered.kernels]
+
+
 def fingerprint(variants: list[Variant], params: np.ndarray) -> list[str | bytes]:
     """Everything the generated code depends on, for the compile cache's key: the kernels
     (loops, schedules, buffers), how launches bind them, the parameters and this backend's
@@ -109,12 +115,14 @@ def fingerprint(variants: list[Variant], params: np.ndarray) -> list[str | bytes
 
 
 def build_module(name: str, variants: list[Variant],
-                 param_offsets: dict[str, int] | None = None) -> ModuleBuilder:
+                 param_offsets: dict[str, int] | None = None,
+                 check_bounds: bool = False) -> ModuleBuilder:
     """The LLVM module of a model: the kernels of every variant, and each variant's entry
     point `runner(x, y, batch, first_block, end_block, arena)`. Parameters are embedded
     unless `param_offsets` places them in the array behind `cnnc.params`."""
     machine = target_machine()
-    builder = ModuleBuilder(name, machine.triple, str(machine.target_data), param_offsets)
+    builder = ModuleBuilder(name, machine.triple, str(machine.target_data), param_offsets,
+                            check_bounds)
     for variant in variants:
         launches: list[tuple[str, list[PointerOf]]] = []
         for kernel in variant.lowered.kernels:
@@ -179,6 +187,11 @@ class JitLibrary:
         """Point the code's `cnnc.params` at `params` (which the caller keeps alive)."""
         address = int(self.engine.get_global_value_address(codegen.PARAMS_GLOBAL))
         ctypes.c_void_p.from_address(address).value = params.ctypes.data
+
+    def bounds_flag(self) -> ctypes.c_int32:
+        """The `check_bounds` flag: 1 + the number of the kernel that went out of bounds."""
+        address = int(self.engine.get_global_value_address(codegen.BOUNDS_GLOBAL))
+        return ctypes.c_int32.from_address(address)
 
 
 __all__ = ["HostTarget", "JitLibrary", "Variant", "build_module", "emit_assembly",

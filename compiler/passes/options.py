@@ -10,7 +10,8 @@ from typing import Any
 class Options:
     """`target` is "llvm", "cuda" or "cuda-sim"; `schedules` maps a kernel name (or "*") to
     Schedule fields that override what the tiling pass picks. `fast_math` lets the CUDA
-    targets use the fast, less exact math functions (`__expf`)."""
+    targets use the fast, less exact math functions (`__expf`). `check_bounds` makes the
+    generated code check the index of every load and store (for fuzzing and debugging)."""
 
     target: str = "llvm"
     fuse: bool = True
@@ -19,3 +20,4 @@ class Options:
     schedules: dict[str, dict[str, Any]] = field(default_factory=dict)
     arch: str | None = None  # CUDA architecture (sm_XX); None: the GPU present, else sm_90
     fast_math: bool = False
+    check_bounds: bool = False  # debug: generated code checks every load and store

@@ -9,6 +9,7 @@ A schedule given by the user (`--schedule FILE`) replaces fields of the one pick
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -89,9 +90,24 @@ def tile(graph: Graph, options: Options) -> Graph:
         if options.target in GPU_TARGETS:
             picked = _gpu_schedule(graph, group, picked, channels,
                                    gpu_arch(options.arch or DEFAULT_GPU_ARCH))
-        overrides = {**options.schedules.get("*", {}), **options.schedules.get(group.name, {})}
+        # Overrides: for every kernel ("*"), by name, then a tuned record for exactly this
+        # kernel (its signature), the most specific last.
+        overrides = {**options.schedules.get("*", {}), **options.schedules.get(group.name, {}),
+                     **options.schedules.get(signature(graph, group, layout.kind), {})}
         group.schedule = picked.replace(**overrides)
     return graph
+
+
+def signature(graph: Graph, group: Group, layout: str) -> str:
+    """What a tuned schedule is valid for: the layout and every op of the kernel with its
+    attributes and shapes, hashed. Layer names and weights do not count."""
+    parts = [layout]
+    for node in group.nodes:
+        operands = [graph.shape(operand) for operand in graph.operands(node)]
+        parts.append(f"{graph.op(node)} {sorted(graph.attrs(node).items())} {operands} "
+                     f"-> {graph.shape(node)}")
+    digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+    return f"{layout}/{digest}"
 
 
 def _x_block(graph: Graph, output: str, oc_block: int, kind: str) -> int:

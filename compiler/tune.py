@@ -1,0 +1,138 @@
+"""`cnnc tune`: search each kernel's schedule with real measurements.
+
+The search space is the tiling pass's own knobs (`oc_block`, `x_block`, `unroll_max`). For
+each kernel of each CPU layout, candidates are drawn in an order fixed by the seed, compiled,
+checked against the NumPy reference (a schedule may change speed, never results) and timed
+alone; the fastest, the heuristic's pick included, is kept. The result is one JSON line per
+kernel, keyed by the kernel's signature, the CPU and the cnnc version, which
+`cnnc compile --schedule FILE` replays without measuring.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cnnc.driver import CompiledModel, compile
+from cnnc.graph import Graph
+from cnnc.passes.fuse import groups_of
+from cnnc.passes.layout import layout_of
+from cnnc.passes.tile import signature
+from cnnc.reference import reference
+from cnnc.version import __version__
+
+BATCH_FOR_LAYOUT = {"batch": 64, "channel": 1}  # what each layout is used for
+UNROLL_CHOICES = (0, 3, 5, 8)
+MAX_BLOCK = 16
+
+
+@dataclass
+class Record:
+    signature: str
+    kernel: str
+    layout: str
+    schedule: dict[str, int]
+    seconds: float
+    default_seconds: float
+
+    def to_json(self, cpu: str) -> str:
+        return json.dumps({"signature": self.signature, "kernel": self.kernel,
+                           "layout": self.layout, "cpu": cpu, "cnnc": __version__,
+                           "schedule": self.schedule, "seconds": self.seconds,
+                           "default_seconds": self.default_seconds}, sort_keys=True)
+
+
+def candidates(model: CompiledModel, layout: str, index: int, seed: int
+               ) -> Iterator[dict[str, int]]:
+    """Schedules for kernel `index` of the `layout` variant, the heuristic's first, then the
+    rest of the space in an order fixed by `seed`."""
+    variant = next(v for v in model.variants if v.layout == layout)
+    group = groups_of(variant.graph)[index]
+    picked = group.schedule
+    yield {"oc_block": picked.oc_block, "x_block": picked.x_block,
+           "unroll_max": picked.unroll_max}
+    shape = variant.graph.shape(group.output)
+    stored = layout_of(variant.graph)
+    channels = stored.channels(shape[0]) // stored.vector(shape[0]) if layout == "channel" \
+        else shape[0]
+    blocks = [b for b in range(1, MAX_BLOCK + 1) if channels % b == 0] \
+        if variant.graph.op(group.producer) in ("conv2d", "dense") else [1]
+    points = [b for b in range(1, MAX_BLOCK + 1) if len(shape) == 3 and shape[-1] % b == 0] \
+        or [1]
+    space = [{"oc_block": o, "x_block": x, "unroll_max": u}
+             for o in blocks for x in points for u in UNROLL_CHOICES if o * x <= 2 * MAX_BLOCK]
+    random.Random(seed).shuffle(space)
+    yield from space
+
+
+def time_kernel(model: CompiledModel, layout: str, index: int, batch: int,
+                seconds: float = 0.05) -> float:
+    """Seconds one run of kernel `index` (counting the edge kernels) takes at `batch`."""
+    variant = next(v for v in model.variants if v.layout == layout)
+    run = model.kernel_runner(variant, batch)
+    run(index)
+    calls, elapsed = 1, 0.0
+    while elapsed < seconds:
+        start = time.perf_counter()
+        for _ in range(calls):
+            run(index)
+        elapsed = time.perf_counter() - start
+        calls *= 2
+    best = elapsed / (calls // 2)
+    for _ in range(2):
+        start = time.perf_counter()
+        for _ in range(calls // 2):
+            run(index)
+        best = min(best, (time.perf_counter() - start) / (calls // 2))
+    return best
+
+
+def tune(graph: Graph, seconds: float, seed: int = 0,
+         progress: Callable[[int], None] | None = None) -> list[Record]:
+    """Tune every kernel of both CPU layouts within about `seconds`."""
+    records = []
+    layouts = ("batch", "channel")
+    base = {layout: compile(graph, layout=layout, threads=1) for layout in layouts}
+    work = [(layout, index) for layout in layouts
+            for index in range(len(groups_of(base[layout].variants[0].graph)))]
+    budget = seconds / max(1, len(work))
+    for layout, index in work:
+        model = base[layout]
+        variant = model.variants[0]
+        group = groups_of(variant.graph)[index]
+        batch = BATCH_FOR_LAYOUT[layout]
+        x = np.random.default_rng(seed).standard_normal((batch, *graph.input_shape))
+        x = x.astype(np.float32)
+        expected = reference(graph, x)
+        deadline = time.perf_counter() + budget
+        best: tuple[float, dict[str, int]] | None = None
+        default = 0.0
+        for number, schedule in enumerate(candidates(model, layout, index, seed)):
+            if number and time.perf_counter() > deadline:
+                break
+            trial = compile(graph, layout=layout, threads=1, schedule={group.name: schedule})
+            if not _agrees(trial(x), expected):
+                continue  # never keep a schedule that changes results
+            spent = time_kernel(trial, layout, index + 1, batch)  # + 1: the packing kernel
+            if number == 0:
+                default = spent
+            if best is None or spent < best[0]:
+                best = (spent, schedule)
+        if progress is not None:
+            progress(1)
+        if best is not None:
+            records.append(Record(signature(variant.graph, group, layout), group.name, layout,
+                                  best[1], best[0], default))
+    return records
+
+
+def _agrees(got: Any, want: Any) -> bool:
+    pairs = zip(got if isinstance(got, tuple) else (got,),
+                want if isinstance(want, tuple) else (want,))
+    return all(np.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True) for a, b in pairs)

@@ -1,0 +1,89 @@
+"""`cnnc tune` and `cnnc bench`: the tuner's records replay exactly and never change results;
+the bench checks every engine against the reference before it times it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+
+import cnnc
+from cnnc.bench import run_bench
+from cnnc.passes.fuse import groups_of
+from cnnc.tune import candidates, tune
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory,
+                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CNNC_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def test_tuned_schedules_replay_without_measuring(tmp_path: Path) -> None:
+    graph = cnnc.load(GOLDEN / "multi_in_out.yaml")
+    records = tune(graph, seconds=3, seed=1)
+    assert {record.layout for record in records} == {"batch", "channel"}
+    path = tmp_path / "schedules.jsonl"
+    path.write_text("".join(record.to_json(cnnc.driver._host_cpu()) + "\n"
+                            for record in records))
+    model = cnnc.compile(graph, schedule=path)
+    for variant in model.variants:
+        for group in groups_of(variant.graph):
+            (record,) = [r for r in records if r.layout == variant.layout
+                         and r.kernel == group.name]
+            for field, value in record.schedule.items():
+                assert getattr(group.schedule, field) == value
+    x = np.random.default_rng(0).standard_normal((20, 2, 3, 3)).astype(np.float32)
+    assert_allclose(model(x), cnnc.reference(graph, x), rtol=1e-4, atol=1e-5)
+
+
+def test_records_for_another_cpu_are_not_applied(tmp_path: Path) -> None:
+    graph = cnnc.load(GOLDEN / "lenet.yaml")
+    model = cnnc.compile(graph)
+    group = groups_of(model.variants[0].graph)[1]
+    from cnnc.passes.tile import signature
+
+    record = {"signature": signature(model.variants[0].graph, group, "batch"),
+              "kernel": group.name, "layout": "batch", "cnnc": cnnc.__version__,
+              "schedule": {"oc_block": 2}}
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps({**record, "cpu": "some-other-cpu"}) + "\n")
+    assert groups_of(cnnc.compile(graph, schedule=path).variants[0].graph)[1].schedule \
+        .oc_block == group.schedule.oc_block
+    path.write_text(json.dumps({**record, "cpu": cnnc.driver._host_cpu()}) + "\n")
+    assert groups_of(cnnc.compile(graph, schedule=path).variants[0].graph)[1].schedule \
+        .oc_block == 2
+
+
+def test_the_search_order_is_fixed_by_the_seed() -> None:
+    model = cnnc.compile(GOLDEN / "lenet.yaml", layout="batch")
+    first = list(candidates(model, "batch", 1, seed=3))
+    assert first == list(candidates(model, "batch", 1, seed=3))
+    assert first != list(candidates(model, "batch", 1, seed=4))
+    assert first[0] == {"oc_block": 8, "x_block": 1, "unroll_max": 0}  # the heuristic first
+
+
+def test_bench_refuses_to_time_an_engine_that_disagrees() -> None:
+    graph = cnnc.load(GOLDEN / "lenet.yaml")
+    right = cnnc.compile(graph, threads=1)
+
+    def wrong(x: np.ndarray) -> np.ndarray:
+        return right(x) + 1e-3
+
+    report = run_bench(graph, {1: wrong}, "llvm", [2], [1], ["reference"], rounds=3,
+                       round_seconds=0.01)
+    assert [result.engine for result in report.results] == ["reference"]
+    assert any("cnnc-llvm at batch 2 disagrees with the reference, not timed" in note
+               for note in report.notes)
+    report = run_bench(graph, {1: right}, "llvm", [2], [1], ["reference"], rounds=3,
+                       round_seconds=0.01)
+    timed = {result.engine: result for result in report.results}
+    assert set(timed) == {"cnnc-llvm", "reference"}
+    assert len(timed["cnnc-llvm"].seconds) == 3
+    assert timed["cnnc-llvm"].max_error < 1e-5
+    assert "images/s" in report.table()
