@@ -8,6 +8,7 @@ spread between the fastest and the slowest round.
 
 from __future__ import annotations
 
+import multiprocessing
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,9 @@ from cnnc.graph import Graph
 from cnnc.reference import reference
 
 RTOL, ATOL = 1e-4, 1e-5
+# A pause before each engine's round: the engine timed before it may still have worker
+# threads spinning (ONNX Runtime and OpenMP spin a while after each call before they sleep).
+SETTLE_SECONDS = 0.05
 
 
 @dataclass
@@ -91,45 +95,168 @@ def check_engine(engine: Engine, graph: Graph, x: np.ndarray) -> float:
     return worst
 
 
-def run_bench(graph: Graph, compiled: dict[int, Engine], target: str, batches: list[int],
-              threads: list[int], against: list[str], rounds: int = 7,
-              round_seconds: float = 0.1, seed: int = 0) -> Report:
-    """Time `compiled[threads]` (the cnnc model per thread count) and the `against` engines."""
+class Timer:
+    """One engine as the bench drives it: check it at a batch size, then time calls."""
+
+    def __init__(self, engine: Engine, graph: Graph, seed: int) -> None:
+        self.engine = engine
+        self.graph = graph
+        self.seed = seed
+        self.inputs: dict[int, np.ndarray] = {}
+
+    def input(self, batch: int) -> np.ndarray:
+        """The same images for every engine: drawn from the seed and the batch size."""
+        if batch not in self.inputs:
+            rng = np.random.default_rng([self.seed, batch])
+            self.inputs[batch] = rng.random((batch, *self.graph.input_shape), dtype=np.float32)
+        return self.inputs[batch]
+
+    def check(self, batch: int) -> float:
+        return check_engine(self.engine, self.graph, self.input(batch))
+
+    def calls_per_round(self, batch: int, seconds: float) -> int:
+        return _calls_per_round(self.engine, self.input(batch), seconds)
+
+    def time(self, batch: int, calls: int) -> float:
+        x = self.input(batch)
+        start = time.perf_counter()
+        for _ in range(calls):
+            self.engine(x)
+        return (time.perf_counter() - start) / calls
+
+    def close(self) -> None:
+        pass
+
+
+class ProcessTimer:
+    """An engine in a process of its own, so that no engine's idle worker threads (ONNX
+    Runtime and OpenMP spin while they wait) steal cycles from the one being timed."""
+
+    def __init__(self, graph: Graph, name: str, threads: int, seed: int,
+                 compile_options: dict[str, Any]) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.connection, child = context.Pipe()
+        self.process = context.Process(target=_serve, daemon=True, args=(
+            child, graph, name, threads, seed, compile_options))
+        self.process.start()
+        status, detail = self.connection.recv()
+        if status != "ready":
+            self.close()
+            raise EngineUnavailable(detail)
+
+    def _ask(self, *request: Any) -> Any:
+        self.connection.send(request)
+        status, answer = self.connection.recv()
+        if status == "mismatch":
+            raise AssertionError(answer)
+        if status != "ok":
+            raise RuntimeError(answer)
+        return answer
+
+    def check(self, batch: int) -> float:
+        return float(self._ask("check", batch))
+
+    def calls_per_round(self, batch: int, seconds: float) -> int:
+        return int(self._ask("calls", batch, seconds))
+
+    def time(self, batch: int, calls: int) -> float:
+        return float(self._ask("time", batch, calls))
+
+    def close(self) -> None:
+        try:
+            self.connection.send(("stop",))
+        except (OSError, BrokenPipeError):
+            pass
+        self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+def _serve(connection: Any, graph: Graph, name: str, threads: int, seed: int,
+           compile_options: dict[str, Any]) -> None:
+    """The worker process of a ProcessTimer."""
+    try:
+        if name.startswith("cnnc-"):
+            from cnnc.driver import compile as compile_model
+
+            engine: Engine = compile_model(graph, target=name[5:], threads=threads,
+                                           **compile_options)
+        else:
+            engine = make_engine(name, graph, threads)
+    except EngineUnavailable as error:
+        connection.send(("unavailable", str(error)))
+        return
+    timer = Timer(engine, graph, seed)
+    connection.send(("ready", None))
+    while True:
+        request = connection.recv()
+        try:
+            if request[0] == "check":
+                connection.send(("ok", timer.check(request[1])))
+            elif request[0] == "calls":
+                connection.send(("ok", timer.calls_per_round(request[1], request[2])))
+            elif request[0] == "time":
+                connection.send(("ok", timer.time(request[1], request[2])))
+            else:
+                return
+        except AssertionError as mismatch:
+            connection.send(("mismatch", str(mismatch)))
+        except Exception as error:  # reported to the parent, which notes it
+            connection.send(("error", f"{type(error).__name__}: {error}"))
+
+
+def run_bench(graph: Graph, compiled: dict[int, Engine] | None, target: str,
+              batches: list[int], threads: list[int], against: list[str], rounds: int = 7,
+              round_seconds: float = 0.1, seed: int = 0,
+              compile_options: dict[str, Any] | None = None) -> Report:
+    """Time cnnc and the `against` engines at every thread count and batch size.
+
+    With `compiled` ({threads: engine}) every engine runs in this process; without it each
+    engine, cnnc included, runs in a process of its own (what `cnnc bench` does)."""
     results: list[Result] = []
     notes: list[str] = []
-    rng = np.random.default_rng(seed)
     for count in threads:
-        engines: dict[str, Engine] = {f"cnnc-{target}": compiled[count]}
-        for name in against:
+        timers: dict[str, Timer | ProcessTimer] = {}
+        names = [f"cnnc-{target}", *against]
+        for name in names:
             try:
-                engines[name] = make_engine(name, graph, count)
+                if compiled is not None:
+                    engine = compiled[count] if name == names[0] else \
+                        make_engine(name, graph, count)
+                    timers[name] = Timer(engine, graph, seed)
+                else:
+                    timers[name] = ProcessTimer(graph, name, count, seed, compile_options or {})
             except EngineUnavailable as error:
-                if f"{name}: {error}" not in notes:
-                    notes.append(f"{name} skipped: {error}")
-        for batch in batches:
-            x = rng.random((batch, *graph.input_shape), dtype=np.float32)
-            timed: dict[str, tuple[Engine, Result]] = {}
-            for name, engine in engines.items():
-                try:
-                    worst = check_engine(engine, graph, x)
-                except AssertionError as mismatch:
-                    notes.append(f"{name} at batch {batch} disagrees with the reference, "
-                                 f"not timed: {str(mismatch).strip().splitlines()[-1]}")
-                    continue
-                except EngineUnavailable as missing:
-                    notes.append(f"{name} skipped: {missing}")
-                    continue
-                timed[name] = (engine, Result(name, batch, count, max_error=worst))
-            calls = {name: _calls_per_round(engine, x, round_seconds)
-                     for name, (engine, _) in timed.items()}
-            for _ in range(rounds):
-                for name, (engine, result) in timed.items():
-                    start = time.perf_counter()
-                    for _ in range(calls[name]):
-                        engine(x)
-                    result.seconds.append((time.perf_counter() - start) / calls[name])
-            results += [result for _, result in timed.values()]
+                note = f"{name} skipped: {error}"
+                if note not in notes:
+                    notes.append(note)
+        try:
+            for batch in batches:
+                results += _measure(timers, batch, count, rounds, round_seconds, notes)
+        finally:
+            for timer in timers.values():
+                timer.close()
     return Report(results, notes)
+
+
+def _measure(timers: dict[str, Timer | ProcessTimer], batch: int, threads: int, rounds: int,
+             round_seconds: float, notes: list[str]) -> list[Result]:
+    """Check every engine at `batch`, then time the ones that agree, interleaved in rounds."""
+    checked: dict[str, Result] = {}
+    for name, timer in timers.items():
+        try:
+            checked[name] = Result(name, batch, threads, max_error=timer.check(batch))
+        except AssertionError as mismatch:
+            notes.append(f"{name} at batch {batch} disagrees with the reference, not timed: "
+                         f"{str(mismatch).strip().splitlines()[-1]}")
+        except (EngineUnavailable, RuntimeError) as error:
+            notes.append(f"{name} at batch {batch} failed, not timed: {error}")
+    calls = {name: timers[name].calls_per_round(batch, round_seconds) for name in checked}
+    for _ in range(rounds):
+        for name, result in checked.items():
+            time.sleep(SETTLE_SECONDS)
+            result.seconds.append(timers[name].time(batch, calls[name]))
+    return list(checked.values())
 
 
 def _calls_per_round(engine: Engine, x: np.ndarray, seconds: float) -> int:
@@ -144,3 +271,35 @@ def _calls_per_round(engine: Engine, x: np.ndarray, seconds: float) -> int:
         if elapsed >= seconds / 4 or calls >= 1 << 20:
             return max(1, int(calls * seconds / max(elapsed, 1e-9)))
         calls *= 4
+
+
+def plot(report: Report, path: str, title: str) -> None:
+    """Images/s per engine and batch size, one panel per thread count, as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise EngineUnavailable("matplotlib is not installed (pip install 'cnnc[bench]')") \
+            from None
+    threads = sorted({result.threads for result in report.results})
+    engines = list(dict.fromkeys(result.engine for result in report.results))
+    batches = sorted({result.batch for result in report.results})
+    figure, axes = plt.subplots(1, len(threads), figsize=(5 * len(threads), 4), squeeze=False)
+    width = 0.8 / max(1, len(engines))
+    for axis, count in zip(axes[0], threads):
+        for number, engine in enumerate(engines):
+            rates = [next((r.images_per_second for r in report.results if r.engine == engine
+                           and r.threads == count and r.batch == batch), 0.0)
+                     for batch in batches]
+            positions = [index + number * width for index in range(len(batches))]
+            axis.bar(positions, rates, width, label=engine)
+        axis.set_xticks([index + width * (len(engines) - 1) / 2 for index in range(len(batches))],
+                        [f"batch {batch}" for batch in batches])
+        axis.set_ylabel("images / s")
+        axis.set_title(f"{title}, {count} thread{'s' if count > 1 else ''}")
+        axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -236,10 +236,13 @@ def run(model: Path, input_path: Path | None, batch: int | None, seed: int | Non
               help="Also write every measurement to this JSON file.")
 @click.option("--profile", is_flag=True,
               help="Also time each kernel of the compiled model alone (llvm).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also draw images/s per engine and batch size into this PNG.")
 @click.option("--schedule", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Schedules to compile with (as for `cnnc compile`).")
 def bench(model: Path, target: str, batches: str, thread_counts: str, against: str,
-          rounds: int, json_path: Path | None, profile: bool, schedule: Path | None) -> None:
+          rounds: int, json_path: Path | None, profile: bool, plot_path: Path | None,
+          schedule: Path | None) -> None:
     """Time MODEL compiled by cnnc against other engines on the same inputs.
 
     Each engine's output is checked against the NumPy reference before it is timed. Prints
@@ -249,19 +252,28 @@ def bench(model: Path, target: str, batches: str, thread_counts: str, against: s
 
     from cnnc.bench import run_bench
 
+    if target != "llvm" and profile:
+        raise _Failure("--profile times the kernels of the llvm target only")
     loaded = load(model)
     sizes = _int_list(batches, "--batch")
     counts = _int_list(thread_counts, "--threads")
     engines = [name.strip() for name in against.split(",") if name.strip()]
+    # Each engine runs in a process of its own; compiling once here fills the cache for them.
     compiled = {count: _compile(loaded, target, False, schedule, (), count, None)
                 for count in counts}
-    report = run_bench(loaded, compiled, target, sizes, counts, engines, rounds=rounds)
+    report = run_bench(loaded, None, target, sizes, counts, engines, rounds=rounds,
+                       compile_options={"schedule": schedule})
     click.echo(report.table())
     if profile:
         for count in counts:
             for size in sizes:
                 click.echo(f"\nprofile: threads={count} batch={size}")
                 click.echo(compiled[count].profile(size))
+    if plot_path is not None:
+        from cnnc.bench import plot
+
+        plot(report, str(plot_path), f"{loaded.name} ({target})")
+        click.echo(f"wrote {plot_path}")
     if json_path is not None:
         records = {"model": loaded.name, "target": target,
                    "results": [result.as_dict() for result in report.results],
