@@ -362,14 +362,21 @@ class _KernelBuilder:
                     group_index = channel if per_group_out == 1 else \
                         _floordiv(channel, per_group_out)
                     in_channel = group_index * per_group_in + ic
-                point.append(Declare(pixel, Load(source_buffer,
-                                                 self.index(source, [in_channel, row, col]))))
+                if left or right:
+                    # A tap in the padding reads a safe place and counts as zero: no branch
+                    # per point (and adding 0 * w leaves the sum as skipping it would).
+                    inside = _in_range(col, width)
+                    safe = Select(inside, col, Const(0))
+                    value: Expr = Select(inside, Load(source_buffer, self.index(
+                        source, [in_channel, row, safe])), Const(0.0))
+                else:  # the output size keeps every tap inside the input
+                    value = Load(source_buffer, self.index(source, [in_channel, row, col]))
+                point.append(Declare(pixel, value))
             for position, tap in enumerate(taps):
                 pixel = pixels[position if len(pixels) > 1 else 0]
                 acc = accumulators[number * len(channels) + position]
                 point.append(Assign(acc, Local(acc) + Local(pixel) * Local(tap)))
-            # Without padding the output size keeps every tap inside the input: no checks.
-            update += _guarded(point, _in_range(col, width) if left or right else None)
+            update += point
         row_loop = [For(kx.name, kw, update, self._reduce_kind(kw), role="reduce")]
         row_check = _in_range(row, height) if top or bottom else None
         stmts.append(For(ic.name, per_group_in, [

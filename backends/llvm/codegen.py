@@ -52,6 +52,8 @@ BOUNDS_GLOBAL = "cnnc.out_of_bounds"  # i32: 1 + the kernel that went out of bou
 
 def lane_coefficient(expr: Expr) -> int | None:
     """How an integer expression changes per lane: c in `base + c * lane`, None if not affine."""
+    if not uses_lane(expr):
+        return 0
     if isinstance(expr, Var):
         return 1 if expr.name == LANE else 0
     if isinstance(expr, Const):
