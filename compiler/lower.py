@@ -127,6 +127,16 @@ def _pack_input(graph: Graph, layout: Layout) -> Kernel:
         If(Bin("<=", BATCH, image), _point_loops(shape, [Store("packed", stored, Const(0.0))])),
     ]
     loops: list[Stmt] = [For("lane", layout.images_per_block, body, role="lane")]
+    if layout.images_per_block > 1:
+        # A full block (the common case) needs no per-image test, so its transpose runs as
+        # vector stores of one element of every image.
+        full = Bin("<=", BLOCK * layout.images_per_block + layout.images_per_block, BATCH)
+        element = Var("i")
+        transpose = For("i", size, [For("lane", layout.images_per_block, [
+            Store("packed", element * layout.images_per_block + LANE,
+                  Load("x", image * size + element))], "vectorized", role="lane")])
+        loops = [If(full, [transpose]), If(less(BATCH, BLOCK * layout.images_per_block
+                                                 + layout.images_per_block), loops)]
     floats = layout.floats(shape)
     if layout.channels(shape[0]) > shape[0]:
         # Zero the padding channels with whole vectors first; the copy then fills the rest.
