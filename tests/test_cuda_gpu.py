@@ -76,6 +76,29 @@ def test_lenet_batches_match_the_reference_and_cuda_sim() -> None:
             assert_allclose(got, sim(x), rtol=1e-5, atol=1e-6)
 
 
+def test_batch_one_runs_as_one_cuda_graph() -> None:
+    graph = cnnc.load(LENET)
+    model = cnnc.compile(graph, target="cuda")
+    rng = np.random.default_rng(6)
+    # The first call at a batch size launches kernel by kernel; the next ones replay a graph,
+    # each with its own input.
+    for expected_launch in ("kernels", "graph", "graph", "graph"):
+        x = rng.random((1, 1, 28, 28), dtype=np.float32)
+        assert_allclose(model(x), cnnc.reference(graph, x), **TOLERANCE)
+        assert model.last_launch == expected_launch
+    big = rng.random((4096, 1, 28, 28), dtype=np.float32)
+    for _ in range(2):
+        assert_allclose(model(big), cnnc.reference(graph, big), **TOLERANCE)
+        assert model.last_launch == "kernels"
+    x = rng.random((1, 1, 28, 28), dtype=np.float32)
+    assert_allclose(model(x), cnnc.reference(graph, x), **TOLERANCE)
+    assert model.last_launch == "graph"
+    model.use_graphs = False
+    assert_allclose(model(x), cnnc.reference(graph, x), **TOLERANCE)
+    assert model.last_launch == "kernels"
+    model.close()
+
+
 def test_batch_zero_gives_an_empty_output() -> None:
     assert cnnc.compile(LENET, target="cuda")(np.zeros((0, 1, 28, 28))).shape == (0, 10)
 

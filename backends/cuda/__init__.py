@@ -40,12 +40,15 @@ def _number(arch: str) -> int:
 
 def compile_cuda(graph: Graph, compiled: Graph, lowered: LoweredModel, memory: MemoryPlan,
                  options: Options, use_cache: bool = True) -> CudaModel:
-    """The model for target "cuda" (compiled with NVRTC now) or "cuda-sim"."""
+    """The model for target "cuda" (compiled with NVRTC now) or "cuda-sim". With
+    `options.check_bounds` every load and store of the generated code checks its index: an
+    access out of bounds raises BoundsError on cuda-sim and stops the kernel on a GPU."""
     if options.target not in ("cuda", "cuda-sim"):
         raise ValueError(f"the CUDA backend does not compile for target {options.target!r}")
     kernels = [group.name for group in groups_of(compiled)]
     return CudaModel(graph, kernels, lowered, memory, options.target,
-                     resolve_arch(options.arch), options.fast_math, use_cache)
+                     resolve_arch(options.arch), options.fast_math, use_cache,
+                     check_bounds=options.check_bounds)
 
 
 __all__ = ["CudaModel", "compile_cuda", "resolve_arch"]

@@ -5,9 +5,14 @@
 // in one with barriers every thread of a block is a fiber (ucontext), and __syncthreads()
 // switches to the next thread until all of them have arrived. A barrier that some threads of
 // a block never reach, or threads waiting at different barriers, is reported as an error.
+// Code generated with check_bounds reaches every buffer through cnnc_at() (defined below): an
+// index out of bounds is recorded, with the kernel, buffer and thread, and the access is sent
+// to a scratch float instead; the launch then fails with status 2 and that report.
 // It is for testing and debugging: nothing here is fast, and nothing runs on a GPU.
 #ifndef CNNC_CUDA_SIM_H
 #define CNNC_CUDA_SIM_H
+
+#define CNNC_CUDA_SIM 1
 
 #include <math.h>
 #include <stdint.h>
@@ -48,9 +53,14 @@ struct State {
     Body body;
     void **args;
     int misuse_line;  // a barrier met where no fiber runs: the kernel was marked barrier-free
+    bool out_of_bounds;  // a checked access missed its buffer; `bounds_report` says which
+    char bounds_report[512];
 };
 
 inline thread_local State state;
+
+// Where a checked access out of bounds goes instead: never inside any buffer.
+inline thread_local float scratch;
 
 inline void fiber_entry()
 {
@@ -166,6 +176,7 @@ inline int launch(Body body, void **args, dim3 grid, dim3 block, bool cooperativ
     state.grid_dim = grid;
     state.current = nullptr;
     state.misuse_line = 0;
+    state.out_of_bounds = false;
     const size_t stack_size = 64 * 1024;
     Fiber *fibers = nullptr;
     char *stacks = nullptr;
@@ -181,7 +192,7 @@ inline int launch(Body body, void **args, dim3 grid, dim3 block, bool cooperativ
     }
     const dim3 grid_dims = grid;
     int status = 0;
-    for (size_t flat = 0; flat < blocks && status == 0; ++flat) {
+    for (size_t flat = 0; flat < blocks && status == 0 && !state.out_of_bounds; ++flat) {
         state.block_idx.x = (unsigned int)(flat % grid_dims.x);
         state.block_idx.y = (unsigned int)(flat / grid_dims.x % grid_dims.y);
         state.block_idx.z = (unsigned int)(flat / ((size_t)grid_dims.x * grid_dims.y));
@@ -197,6 +208,10 @@ inline int launch(Body body, void **args, dim3 grid, dim3 block, bool cooperativ
     }
     free(fibers);
     free(stacks);
+    if (state.out_of_bounds) {
+        snprintf(error, (size_t)error_size, "%s", state.bounds_report);
+        return 2;
+    }
     if (status == 0 && state.misuse_line != 0) {
         snprintf(error, (size_t)error_size,
                  "the kernel calls __syncthreads() (line %d) but was launched as one without "
@@ -207,6 +222,27 @@ inline int launch(Body body, void **args, dim3 grid, dim3 block, bool cooperativ
 }
 
 }  // namespace cnnc_sim
+
+// The checked access of code generated with check_bounds: `base + index` when 0 <= index <
+// size, else the first such access of the launch is reported and the scratch float is used.
+template <typename T>
+inline T *cnnc_at(T *base, long long index, long long size, const char *kernel,
+                  const char *buffer, int line)
+{
+    if (index >= 0 && index < size)
+        return base + index;
+    cnnc_sim::State &s = cnnc_sim::state;
+    if (!s.out_of_bounds) {
+        s.out_of_bounds = true;
+        snprintf(s.bounds_report, sizeof s.bounds_report,
+                 "kernel %s accessed %s[%lld], out of bounds of its %lld floats (line %d of "
+                 "the source), in block (%u,%u,%u), thread (%u,%u,%u)",
+                 kernel, buffer, index, size, line, s.block_idx.x, s.block_idx.y,
+                 s.block_idx.z, s.thread_idx.x, s.thread_idx.y, s.thread_idx.z);
+    }
+    cnnc_sim::scratch = 0.0f;
+    return (T *)&cnnc_sim::scratch;
+}
 
 #define threadIdx (cnnc_sim::state.thread_idx)
 #define blockIdx (cnnc_sim::state.block_idx)

@@ -4,14 +4,22 @@
 primary context of GPU 0 (the one PyTorch uses too); `DeviceModule` loads a model's cubin (or
 its PTX, when the cubin is for another architecture), allocates and copies device memory and
 launches kernels on the legacy default stream, so a copy back waits for the kernels.
+
+`DeviceModule.capture` records a sequence of copies and launches into a CUDA graph on a stream
+of its own (stream capture, thread-local mode) and `launch_graph` replays it. Any failure of
+capture or instantiation returns None and turns graphs off for that module: the caller keeps
+using plain launches.
 """
 
 from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Sequence
+from contextlib import suppress
+from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, TypeAlias
 
 from cnnc.errors import DeviceError
 
@@ -106,6 +114,38 @@ class Device:
         return values[0] if len(values) == 1 else tuple(values) or None
 
 
+@dataclass(frozen=True)
+class CopyIn:
+    """A graph step: `size` bytes from pinned host memory `host` to device memory `pointer`."""
+
+    pointer: int
+    host: int
+    size: int
+
+
+@dataclass(frozen=True)
+class CopyOut:
+    """A graph step: `size` bytes from device memory `pointer` to pinned host memory `host`."""
+
+    host: int
+    pointer: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A graph step: kernel number `kernel` on `grid` blocks of `block` threads; `params` is
+    the address of its argument array (the values are copied when the launch is captured)."""
+
+    kernel: int
+    grid: int
+    block: int
+    params: int
+
+
+GraphStep: TypeAlias = CopyIn | CopyOut | Launch
+
+
 class DeviceModule:
     """A compiled model's kernels loaded on the GPU; device memory and launches."""
 
@@ -122,6 +162,8 @@ class DeviceModule:
         self.functions = [self.device.check(driver.cuModuleGetFunction(module, name.encode()),
                                             f"cuModuleGetFunction({name})")
                           for name in kernel_names]
+        self.graphs_available = True  # False once a capture failed: plain launches from then
+        self._stream: Any = None  # the stream graphs are captured on and replayed in
 
     def prepare(self) -> None:
         """Make the context current on the calling thread."""
@@ -153,6 +195,82 @@ class DeviceModule:
 
     def synchronize(self) -> None:
         self.device.check(self.device.driver.cuCtxSynchronize(), "cuCtxSynchronize")
+
+    # --- CUDA graphs -----------------------------------------------------------------------------
+
+    def allocate_host(self, size: int) -> int:
+        """Page-locked host memory (the fixed staging buffers a graph copies from and to)."""
+        return int(self.device.check(self.device.driver.cuMemAllocHost(max(size, 4)),
+                                     f"cuMemAllocHost({size} bytes)"))
+
+    def free_host(self, pointer: int) -> None:
+        self.device.check(self.device.driver.cuMemFreeHost(pointer), "cuMemFreeHost")
+
+    def capture(self, steps: Sequence[GraphStep]) -> Any | None:
+        """An executable CUDA graph (CUgraphExec) of `steps`, captured on this module's stream;
+        None, with graphs turned off for this module, when anything fails. Every pointer a
+        step names is baked into the graph: replays copy from and to the same buffers."""
+        if not self.graphs_available:
+            return None
+        driver = self.device.driver
+        graph: Any = None
+        capturing = False
+        try:
+            if self._stream is None:
+                # Non-blocking: no implicit synchronisation with the legacy stream, so another
+                # thread's work there can neither join nor invalidate this capture.
+                flags = int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING)
+                self._stream = self.device.check(driver.cuStreamCreate(flags), "cuStreamCreate")
+            stream = self._stream
+            mode = driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
+            self.device.check(driver.cuStreamBeginCapture(stream, mode), "cuStreamBeginCapture")
+            capturing = True
+            for step in steps:
+                self._enqueue(step, stream)
+            capturing = False
+            graph = self.device.check(driver.cuStreamEndCapture(stream), "cuStreamEndCapture")
+            if graph is None or not int(graph):
+                raise DeviceError("stream capture returned no graph")
+            executable = self.device.check(driver.cuGraphInstantiate(graph, 0),
+                                           "cuGraphInstantiate")
+            if executable is None or not int(executable):
+                raise DeviceError("cuGraphInstantiate returned no graph")
+            return executable
+        except Exception:  # no graph: plain launches instead, quietly
+            self.graphs_available = False
+            if capturing:  # end the capture, or this thread's later calls would be refused
+                with suppress(Exception):
+                    _, broken = driver.cuStreamEndCapture(self._stream)
+                    if broken is not None and int(broken):
+                        driver.cuGraphDestroy(broken)
+            return None
+        finally:
+            if graph is not None:  # the executable graph does not need its template
+                with suppress(Exception):
+                    driver.cuGraphDestroy(graph)
+
+    def _enqueue(self, step: GraphStep, stream: Any) -> None:
+        driver = self.device.driver
+        if isinstance(step, CopyIn):
+            self.device.check(driver.cuMemcpyHtoDAsync(step.pointer, step.host, step.size,
+                                                       stream), "cuMemcpyHtoDAsync")
+        elif isinstance(step, CopyOut):
+            self.device.check(driver.cuMemcpyDtoHAsync(step.host, step.pointer, step.size,
+                                                       stream), "cuMemcpyDtoHAsync")
+        elif step.grid > 0:
+            self.device.check(driver.cuLaunchKernel(
+                self.functions[step.kernel], step.grid, 1, 1, step.block, 1, 1, 0, stream,
+                step.params, 0), f"cuLaunchKernel({step.kernel})")
+
+    def launch_graph(self, executable: Any) -> None:
+        """Replay a graph from `capture` and wait for it; DeviceError if it fails."""
+        driver = self.device.driver
+        self.device.check(driver.cuGraphLaunch(executable, self._stream), "cuGraphLaunch")
+        self.device.check(driver.cuStreamSynchronize(self._stream), "cuStreamSynchronize")
+
+    def destroy_graph(self, executable: Any) -> None:
+        with suppress(Exception):  # freeing: nothing to do about a failure
+            self.device.driver.cuGraphExecDestroy(executable)
 
     def event_seconds(self, run: Any, repeats: int) -> float:
         """Seconds per call of `run()` (which launches kernels), timed with CUDA events."""

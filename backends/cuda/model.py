@@ -5,10 +5,17 @@ per-image offset O with per-image size S occupies floats [O*N, (O+S)*N) of the a
 plain NCHW array of the batch (scaling by N keeps the plan's disjoint tensors disjoint). So
 the user's input is copied straight into its tensor and each output straight out of its own:
 the pack and unpack kernels of the CPU's batch-blocked layout are not needed on the GPU.
+
+On a GPU, the second call at a batch size up to GRAPH_MAX_BATCH (its arena already allocated)
+captures the whole forward pass (input copy, every kernel, output copies) into one CUDA graph,
+kept with that arena; later calls at that size copy the input into a pinned staging buffer,
+replay the graph and copy the outputs out of another. Where capture fails the model quietly
+keeps to plain launches. `last_launch` says which way the latest call went.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import threading
 from collections import OrderedDict
@@ -19,7 +26,15 @@ from typing import Any, Protocol
 import numpy as np
 
 from cnnc.backends.cuda import codegen, nvrtc
-from cnnc.backends.cuda.driver_api import device_missing, pack_params
+from cnnc.backends.cuda.driver_api import (
+    CopyIn,
+    CopyOut,
+    DeviceModule,
+    GraphStep,
+    Launch,
+    device_missing,
+    pack_params,
+)
 from cnnc.errors import DeviceError, InputError
 from cnnc.graph import Graph
 from cnnc.lower import LoweredModel
@@ -29,6 +44,7 @@ from cnnc.version import __version__
 
 SOURCE_KINDS = ("cuda", "kernel", "ptx")
 KEPT_BATCH_SIZES = 4  # arenas kept allocated, most recently used first
+GRAPH_MAX_BATCH = 256  # larger batches gain nothing from a graph but pin more host memory
 
 
 class Runner(Protocol):
@@ -51,11 +67,15 @@ class Runner(Protocol):
 
 @dataclass
 class _BatchPlan:
-    """An arena for one batch size and the packed launch arguments of every kernel."""
+    """An arena for one batch size and the packed launch arguments of every kernel; on a GPU,
+    once captured, the CUDA graph of the forward pass and its pinned staging buffers."""
 
     arena: int
     params: list[int]
     keep_alive: list[Any]
+    graph: Any = None  # CUgraphExec
+    host_in: int = 0  # pinned staging buffer of the input
+    host_out: int = 0  # pinned staging buffer of the outputs, one after the other
 
 
 class CudaModel:
@@ -63,7 +83,7 @@ class CudaModel:
 
     def __init__(self, graph: Graph, kernels: list[str], lowered: LoweredModel,
                  memory: MemoryPlan, target: str, arch: str, fast_math: bool,
-                 use_cache: bool) -> None:
+                 use_cache: bool, check_bounds: bool = False) -> None:
         self.graph = graph
         self.name = graph.name
         self.target = target
@@ -73,7 +93,9 @@ class CudaModel:
         self.memory = memory
         self.kernels = kernels
         self.output_shapes = [graph.shape(name) for name in graph.outputs]
-        self.program = codegen.generate(lowered, codegen.c_name(graph.name), arch, fast_math)
+        self.check_bounds = check_bounds
+        self.program = codegen.generate(lowered, codegen.c_name(graph.name), arch, fast_math,
+                                        check_bounds)
         self.file_name = f"{self.program.name}.cu"
         bindings = lowered.bindings
         self.input_tensor = bindings["pack_input"]["packed"]
@@ -86,6 +108,8 @@ class CudaModel:
         self._runner: Runner | None = None
         self._plans: OrderedDict[int, _BatchPlan] = OrderedDict()
         self._lock = threading.Lock()
+        self.use_graphs = True  # False: plain launches at every batch size
+        self.last_launch: str | None = None  # "graph" or "kernels": how the latest call ran
         if target == "cuda-sim":
             self._runner = self._simulator()
 
@@ -153,7 +177,7 @@ class CudaModel:
             return plan
         if len(self._plans) >= KEPT_BATCH_SIZES:
             _, oldest = self._plans.popitem(last=False)
-            runner.free(oldest.arena)
+            self._release(runner, oldest)
         arena = runner.allocate(self.memory_bytes(batch))
         params, keep_alive = [], []
         for launch in self.program.launches:
@@ -176,13 +200,89 @@ class CudaModel:
         batch = len(array)
         if any(launch.grid(batch) >= 2**31 for launch in self.program.launches):
             raise InputError(f"batch {batch} is too large for one launch on the GPU")
+        allocated = batch in self._plans
         plan = self._plan(runner, batch)
+        if allocated and isinstance(runner, DeviceModule) and self._graph(runner, plan, array,
+                                                                          outputs):
+            try:
+                self._replay(runner, plan, array, outputs)
+                self.last_launch = "graph"
+                return
+            except Exception:  # DeviceError, or a binding that does not behave as documented
+                # Plain launches from now on; they raise again if the GPU itself failed.
+                runner.graphs_available = False
+                self._drop_graph(runner, plan)
         runner.copy_in(self._tensor_pointer(plan.arena, self.input_tensor, batch),
                        array.ctypes.data, array.nbytes)
         self._launch_all(runner, plan, batch)
         for output, tensor in zip(outputs, self.output_tensors):
             runner.copy_out(output.ctypes.data, self._tensor_pointer(plan.arena, tensor, batch),
                             output.nbytes)
+        self.last_launch = "kernels"
+
+    # --- CUDA graphs -------------------------------------------------------------------------
+
+    def _graph(self, runner: DeviceModule, plan: _BatchPlan, array: np.ndarray,
+               outputs: list[np.ndarray]) -> bool:
+        """Whether `plan` has a CUDA graph, capturing it now if it may. Never raises: a
+        failure leaves the plan without a graph and graphs off for the runner."""
+        batch = len(array)
+        if not (self.use_graphs and runner.graphs_available and batch <= GRAPH_MAX_BATCH):
+            self._drop_graph(runner, plan)
+            return False
+        if plan.graph is not None:
+            return True
+        out_bytes = sum(output.nbytes for output in outputs)
+        try:
+            plan.host_in = runner.allocate_host(array.nbytes)
+            plan.host_out = runner.allocate_host(out_bytes)
+        except Exception:  # no pinned memory: no graph
+            runner.graphs_available = False
+            self._drop_graph(runner, plan)
+            return False
+        steps: list[GraphStep] = [
+            CopyIn(self._tensor_pointer(plan.arena, self.input_tensor, batch), plan.host_in,
+                   array.nbytes)]
+        steps += [Launch(index, launch.grid(batch), launch.threads, plan.params[index])
+                  for index, launch in enumerate(self.program.launches)]
+        offset = 0
+        for output, tensor in zip(outputs, self.output_tensors):
+            steps.append(CopyOut(plan.host_out + offset,
+                                 self._tensor_pointer(plan.arena, tensor, batch), output.nbytes))
+            offset += output.nbytes
+        plan.graph = runner.capture(steps)
+        if plan.graph is None:
+            self._drop_graph(runner, plan)
+            return False
+        return True
+
+    def _replay(self, runner: DeviceModule, plan: _BatchPlan, array: np.ndarray,
+                outputs: list[np.ndarray]) -> None:
+        ctypes.memmove(plan.host_in, array.ctypes.data, array.nbytes)
+        runner.launch_graph(plan.graph)
+        offset = 0
+        for output in outputs:
+            ctypes.memmove(output.ctypes.data, plan.host_out + offset, output.nbytes)
+            offset += output.nbytes
+
+    def _drop_graph(self, runner: Runner, plan: _BatchPlan) -> None:
+        """Destroy the plan's graph and free its staging buffers (what of them there is)."""
+        if not isinstance(runner, DeviceModule):
+            return
+        graph, host_in, host_out = plan.graph, plan.host_in, plan.host_out
+        plan.graph, plan.host_in, plan.host_out = None, 0, 0
+        if graph is not None:
+            runner.destroy_graph(graph)
+        for pointer in (host_in, host_out):
+            if pointer:
+                try:
+                    runner.free_host(pointer)
+                except Exception:  # freeing: nothing more to do
+                    pass
+
+    def _release(self, runner: Runner, plan: _BatchPlan) -> None:
+        self._drop_graph(runner, plan)
+        runner.free(plan.arena)
 
     def _launch_all(self, runner: Runner, plan: _BatchPlan, batch: int) -> None:
         for index, launch in enumerate(self.program.launches):
@@ -210,7 +310,7 @@ class CudaModel:
             self._plans.clear()
             for plan in plans:
                 if runner is not None:
-                    runner.free(plan.arena)
+                    self._release(runner, plan)
 
     def __del__(self) -> None:
         try:

@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from cnnc import cache as compile_cache
-from cnnc.errors import CompileError, DeviceError
+from cnnc.errors import BoundsError, CompileError, DeviceError
 from cnnc.version import __version__
 
 HEADER = Path(__file__).with_name("cnnc_cuda_sim.h")
 FLAGS = ("-std=c++17", "-O1", "-shared", "-fPIC", "-w")
 ERROR_SIZE = 1024
+OUT_OF_BOUNDS = 2  # cnnc_sim_launch's status when a checked access missed its buffer
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,8 @@ class SimLibrary:
         status = self._launch(kernel, grid, block, params, self._error, ERROR_SIZE)
         if status != 0:
             message = self._error.value.decode(errors="replace")
+            if status == OUT_OF_BOUNDS:
+                raise BoundsError(f"cuda-sim: {message}")
             raise DeviceError(f"cuda-sim: kernel {self.names[kernel]} failed: {message}")
 
 
