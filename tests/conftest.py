@@ -18,6 +18,27 @@ from cnnc import ops
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
 EXAMPLES = ROOT / "examples"
+CASES = sorted(path.stem for path in GOLDEN.glob("*.yaml"))
+TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}  # float32 against the float64 reference
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory,
+                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test session compiles into a cache of its own, never the user's."""
+    monkeypatch.setenv("CNNC_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def expected_outputs(case: str, graph: cnnc.Graph) -> list[np.ndarray]:
+    """A golden case's expected outputs, in the order of the graph's outputs."""
+    data = np.load(GOLDEN / f"{case}.io.npz")
+    if len(graph.outputs) == 1:
+        return [data["expected"]]
+    return [data[f"expected_{name}"] for name in graph.outputs]
+
+
+def as_list(outputs: np.ndarray | tuple[np.ndarray, ...]) -> list[np.ndarray]:
+    return list(outputs) if isinstance(outputs, tuple) else [outputs]
 
 
 @pytest.fixture

@@ -7,39 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CASES, GOLDEN, TOLERANCE, as_list, expected_outputs
 from numpy.testing import assert_allclose
 
 import cnnc
 from cnnc.backends.cuda import driver_api, nvrtc
-from cnnc.graph import Graph
 
-GOLDEN = Path(__file__).parent / "golden"
-CASES = sorted(path.stem for path in GOLDEN.glob("*.yaml"))
 LENET = GOLDEN / "lenet.yaml"
-TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 
 _MISSING = driver_api.device_missing() or nvrtc.available()
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(_MISSING is not None, reason=f"needs a GPU: {_MISSING}"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory: pytest.TempPathFactory,
-                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CNNC_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
-def expected_outputs(case: str, graph: Graph) -> list[np.ndarray]:
-    data = np.load(GOLDEN / f"{case}.io.npz")
-    if len(graph.outputs) == 1:
-        return [data["expected"]]
-    return [data[f"expected_{name}"] for name in graph.outputs]
-
-
-def as_list(outputs: np.ndarray | tuple[np.ndarray, ...]) -> list[np.ndarray]:
-    return list(outputs) if isinstance(outputs, tuple) else [outputs]
 
 
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])

@@ -11,33 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CASES, GOLDEN, TOLERANCE, as_list, expected_outputs
 from numpy.testing import assert_allclose
 
 import cnnc
-from cnnc.graph import Graph
 
-GOLDEN = Path(__file__).parent / "golden"
-CASES = sorted(path.stem for path in GOLDEN.glob("*.yaml"))
 EXAMPLES = Path(__file__).parent.parent / "examples"
-TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory: pytest.TempPathFactory,
-                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test session compiles into a cache of its own."""
-    monkeypatch.setenv("CNNC_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
-def expected_outputs(case: str, graph: Graph) -> list[np.ndarray]:
-    data = np.load(GOLDEN / f"{case}.io.npz")
-    if len(graph.outputs) == 1:
-        return [data["expected"]]
-    return [data[f"expected_{name}"] for name in graph.outputs]
-
-
-def as_list(outputs: np.ndarray | tuple[np.ndarray, ...]) -> list[np.ndarray]:
-    return list(outputs) if isinstance(outputs, tuple) else [outputs]
 
 
 @pytest.mark.parametrize("layout", ["batch", "channel"])

@@ -7,21 +7,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
+from conftest import GOLDEN
 from numpy.testing import assert_allclose
 
 import cnnc
 from cnnc.bench import run_bench
 from cnnc.passes.fuse import groups_of
 from cnnc.tune import candidates, tune
-
-GOLDEN = Path(__file__).parent / "golden"
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory: pytest.TempPathFactory,
-                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CNNC_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 def test_tuned_schedules_replay_without_measuring(tmp_path: Path) -> None:
