@@ -227,6 +227,8 @@ class _KernelBuilder:
             body = self.softmax()
         elif producer_op == "concat":
             body = self.concat()
+        elif producer_op == "flatten":
+            body = self.flatten()
 
         else:
             body = self.pointwise()
@@ -562,6 +564,18 @@ class _KernelBuilder:
             body += _point_loops(shape, [lanes])
             start += shape[0]
         return body
+
+    def flatten(self) -> list[Stmt]:
+        """A flattening copy, for the channel layout: element (c, h, w) of the image goes to
+        feature (c * H + h) * W + w, as NumPy's reshape orders them."""
+        node = self.group.producer
+        source = self.graph.operands(node)[0]
+        shape = self.graph.shape(source)
+        coords = _point_coords(shape)
+        copy = Store("out", self.index(node, [_flat(shape, coords)]),
+                     Load(self.input_buffer(source), self.index(source, coords)))
+        lanes = For("lane", self.layout.images_per_block, [copy], "vectorized", role="lane")
+        return _point_loops(shape, [lanes])
 
     def _reduce_kind(self, extent: int) -> str:
         return "unrolled" if extent <= self.schedule.unroll_max else "serial"

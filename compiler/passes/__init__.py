@@ -24,8 +24,8 @@ Pass = Callable[[Graph, Options], Graph]
 PIPELINE: list[tuple[str, Pass]] = [
     ("prune", prune),
     ("fold_batchnorm", fold_batchnorm),
-    ("fuse", fuse),
     ("layout", layout),
+    ("fuse", fuse),
     ("tile", tile),
     ("plan_memory", plan_memory),
 ]

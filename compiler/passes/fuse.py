@@ -16,6 +16,7 @@ import networkx as nx
 from cnnc import ops
 from cnnc.graph import INPUT, Graph
 from cnnc.kernel import Schedule
+from cnnc.passes.layout import layout_of
 from cnnc.passes.options import Options
 
 VIEWS = ("flatten",)
@@ -39,12 +40,24 @@ class Group:
         return self.nodes[-1]
 
 
+def is_view(graph: Graph, name: str) -> bool:
+    """Whether `name` costs nothing: a flatten is the same memory as its operand, except in
+    the channel layout, where an image's channels are innermost; there only a dense layer
+    reads the unflattened tensor directly, and anything else needs a flattening copy."""
+    if name == INPUT or graph.op(name) not in VIEWS:
+        return False
+    if layout_of(graph).kind != "channel":
+        return True
+    return all(graph.op(user) == "dense" for user in graph.users(name)) and \
+        name not in graph.outputs
+
+
 def groups_of(graph: Graph) -> list[Group]:
     """The groups the fuse pass chose, or one group per op when it did not run."""
     if "groups" not in graph.nx.graph:
         graph.nx.graph["groups"] = _name([
             Group([name], window=name if ops.OPS[graph.op(name)].kind == "window" else None)
-            for name in graph.order() if name != INPUT and graph.op(name) not in VIEWS
+            for name in graph.order() if name != INPUT and not is_view(graph, name)
         ], graph)
     groups: list[Group] = graph.nx.graph["groups"]
     return groups
@@ -56,7 +69,7 @@ def fuse(graph: Graph, options: Options) -> Graph:
     group_of: dict[str, Group] = {}
     groups: list[Group] = []
     for name in graph.order():
-        if name == INPUT or graph.op(name) in VIEWS:
+        if name == INPUT or is_view(graph, name):
             continue
         group = _joinable_group(graph, name, group_of)
         if group is None:
@@ -88,7 +101,7 @@ def _in_launch_order(groups: list[Group], group_of: dict[str, Group], graph: Gra
 
 def tensor_of(graph: Graph, name: str) -> str:
     """The node whose stored result `name` is: views share their operand's memory."""
-    while name != INPUT and graph.op(name) in VIEWS:
+    while is_view(graph, name):
         name = graph.operands(name)[0]
     return name
 
@@ -103,8 +116,8 @@ def _joinable_group(graph: Graph, name: str, group_of: dict[str, Group]) -> Grou
         group = group_of.get(operand)
         if group is None or group.output != operand:
             continue
-        if ops.OPS[graph.op(group.producer)].kind == "opaque":
-            continue  # softmax and concat produce whole rows: they stay alone
+        if ops.OPS[graph.op(group.producer)].kind in ("opaque", "view"):
+            continue  # softmax, concat and a flattening copy stay alone
         if len(graph.users(operand)) != 1 or operand in graph.outputs:
             continue  # someone else reads the value: it must be stored
         if kind == "window" and (group.window is not None or position != 0):
