@@ -22,8 +22,9 @@ from cnnc.reference import reference
 
 RTOL, ATOL = 1e-4, 1e-5
 # A pause before each engine's round: the engine timed before it may still have worker
-# threads spinning (ONNX Runtime and OpenMP spin a while after each call before they sleep).
-SETTLE_SECONDS = 0.05
+# threads spinning (ONNX Runtime spins after each call; the OpenMP in PyTorch wheels spins
+# for 200 ms, its KMP_BLOCKTIME, before its threads sleep).
+SETTLE_SECONDS = 0.25
 
 
 @dataclass
@@ -118,7 +119,11 @@ class Timer:
         return _calls_per_round(self.engine, self.input(batch), seconds)
 
     def time(self, batch: int, calls: int) -> float:
+        """Seconds per call over `calls` calls, after a short warm-up: the pause between
+        rounds lets cores idle, and every engine gets them back awake before it is timed."""
         x = self.input(batch)
+        for _ in range(max(1, calls // 5)):
+            self.engine(x)
         start = time.perf_counter()
         for _ in range(calls):
             self.engine(x)

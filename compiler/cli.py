@@ -313,6 +313,15 @@ def tune(model: Path, target: str, seconds: float, seed: int, output_path: Path)
     click.echo(f"wrote {output_path}")
 
 
+def _register_fuzz() -> None:
+    from cnnc.fuzz import fuzz_command
+
+    main.add_command(fuzz_command, "fuzz")
+
+
+_register_fuzz()
+
+
 def _int_list(text: str, option: str) -> list[int]:
     try:
         values = [int(item) for item in text.split(",") if item.strip()]

@@ -69,3 +69,8 @@ class DeviceError(CnncError, RuntimeError):
 
 class BoundsError(CnncError, RuntimeError):
     """Generated code compiled with `check_bounds` tried to access memory out of bounds."""
+
+
+class BatchMemoryError(InputError, MemoryError):
+    """A call would need more memory than the machine has available; raised before any of
+    it is allocated."""

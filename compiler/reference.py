@@ -7,28 +7,88 @@ tiles, and it imports nothing from the passes or the backends.
 
 from __future__ import annotations
 
+import math
+import os
+
 import numpy as np
 
 from cnnc import ops
-from cnnc.errors import InputError
+from cnnc.errors import BatchMemoryError, InputError
 from cnnc.graph import INPUT, Graph, format_shape
 
 
-def check_input(graph: Graph, x: object) -> np.ndarray:
-    """`x` as a C-contiguous float32 array of shape (N, *graph.input_shape), or InputError."""
-    array = np.asarray(x)
+def check_input(graph: Graph, x: object, bytes_per_image: int | None = None) -> np.ndarray:
+    """`x` as a C-contiguous float32 array of shape (N, *graph.input_shape), or InputError.
+
+    `bytes_per_image` is what the caller will allocate per image besides (by default, the
+    outputs): with the copy of `x` this makes, a batch that needs more memory than the
+    machine has available raises BatchMemoryError before anything is allocated."""
+    try:
+        array = np.asarray(x)
+    except (ValueError, TypeError) as error:  # a ragged nested list, an odd object
+        raise InputError(f"model '{graph.name}' expects a float array "
+                         f"{format_shape(graph.input_shape)}, got {type(x).__name__} that is "
+                         f"not an array ({error})") from None
     if array.dtype.kind not in "fiub":
         raise InputError(f"model '{graph.name}' expects a float array "
                          f"{format_shape(graph.input_shape)}, got dtype {array.dtype}")
     if array.ndim != 1 + len(graph.input_shape) or tuple(array.shape[1:]) != graph.input_shape:
         raise InputError(f"model '{graph.name}' expects input {format_shape(graph.input_shape)}"
                          f", got shape ({', '.join(map(str, array.shape))})")
-    return np.ascontiguousarray(array, dtype=np.float32)
+    copies = not (array.dtype == np.float32 and array.flags.c_contiguous)
+    per_image = (4 * math.prod(graph.input_shape) if copies else 0) + (
+        output_bytes(graph) if bytes_per_image is None else bytes_per_image)
+    check_memory(graph, len(array), per_image)
+    with np.errstate(over="ignore"):  # values beyond float32's range become ±inf
+        return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def output_bytes(graph: Graph) -> int:
+    """Bytes of the outputs of one image."""
+    return 4 * sum(math.prod(graph.shape(name)) for name in graph.outputs)
+
+
+CHECKED_BYTES = 1 << 26  # smaller needs are not worth reading /proc/meminfo for
+
+
+def check_memory(graph: Graph, batch: int, bytes_per_image: int) -> None:
+    """BatchMemoryError, before anything is allocated, when `batch` images at
+    `bytes_per_image` need more memory than is available."""
+    needed = batch * bytes_per_image
+    if needed <= CHECKED_BYTES:
+        return
+    available = available_memory()
+    if available is not None and needed > available:
+        raise BatchMemoryError(
+            f"model '{graph.name}': a batch of {batch} images needs {needed / 2**30:.1f} GiB "
+            f"({bytes_per_image} bytes per image), more than the {available / 2**30:.1f} GiB "
+            "of memory available; run it in smaller batches")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux: MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as info:
+            for text in info:
+                if text.startswith("MemAvailable:"):
+                    return int(text.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def reference(graph: Graph, x: object) -> np.ndarray | tuple[np.ndarray, ...]:
     """Run `graph` on `x` (N, C, H, W); one output gives an array, several a tuple."""
-    values: dict[str, np.ndarray] = {INPUT: check_input(graph, x).astype(np.float64)}
+    # Every value is kept, in float64: that is what a batch costs here.
+    per_image = 8 * sum(math.prod(graph.shape(name)) for name in graph.order())
+    array = check_input(graph, x, per_image)
+    if len(array) == 0:  # nothing to compute; some ops' NumPy code cannot reshape nothing
+        outputs = tuple(np.empty((0, *graph.shape(name)), np.float32) for name in graph.outputs)
+        return outputs[0] if len(outputs) == 1 else outputs
+    values: dict[str, np.ndarray] = {INPUT: array.astype(np.float64)}
     for name in graph.order():
         if name == INPUT:
             continue
@@ -36,5 +96,6 @@ def reference(graph: Graph, x: object) -> np.ndarray | tuple[np.ndarray, ...]:
         operands = [values[operand] for operand in graph.operands(name)]
         with np.errstate(over="ignore", invalid="ignore"):
             values[name] = spec.compute(graph.attrs(name), graph.params(name), operands)
-    outputs = tuple(values[name].astype(np.float32) for name in graph.outputs)
+    with np.errstate(over="ignore"):  # a float64 result beyond float32's range is ±inf
+        outputs = tuple(values[name].astype(np.float32) for name in graph.outputs)
     return outputs[0] if len(outputs) == 1 else outputs

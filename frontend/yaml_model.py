@@ -23,6 +23,8 @@ from cnnc.graph import INPUT, Graph
 TOP_KEYS = ("name", "input", "weights", "seed", "layers", "outputs")
 LAYER_KEYS = ("name", "inputs", "activation")
 MAX_DIM = 1 << 16  # larger images would overflow 32-bit index arithmetic in generated code
+MAX_VALUES = 1 << 26  # values per sample of the input and of every layer's output
+MAX_VALUE_NODES = 10_000  # YAML nodes in one value, aliases expanded
 
 
 @dataclass
@@ -51,7 +53,17 @@ class _Reader:
                          layer=layer.name if layer else None, op=layer.op if layer else None)
 
     def value(self, node: yaml.Node) -> Any:
-        return self.loader.construct_object(node, deep=True)
+        """The Python value of `node`. Values in a model are small: one that YAML aliases
+        make enormous (a "billion laughs") is refused before it is built or printed, and a
+        value YAML cannot build (an unknown tag, a bad date) is reported, not raised."""
+        if _expanded_size(node, MAX_VALUE_NODES) > MAX_VALUE_NODES:
+            self.fail(f"a value of more than {MAX_VALUE_NODES} items (through YAML aliases); "
+                      "a model's values are small", line(node))
+        try:
+            return self.loader.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as error:
+            problem = getattr(error, "problem", None) or str(error)
+            self.fail(f"not a valid YAML value: {problem}", line(node))
 
     def mapping(self, node: yaml.Node, what: str) -> dict[str, tuple[yaml.Node, yaml.Node]]:
         """A mapping node as {key: (key node, value node)}, refusing duplicate keys."""
@@ -67,6 +79,22 @@ class _Reader:
                 self.fail(f"{what} has the key '{key}' twice", line(key_node))
             entries[key] = (key_node, value_node)
         return entries
+
+
+def _expanded_size(node: yaml.Node, limit: int) -> int:
+    """How many nodes `node` holds with every alias expanded, counting no further than
+    just past `limit`."""
+    count = 0
+    stack = [node]
+    while stack and count <= limit:
+        current = stack.pop()
+        count += 1
+        if isinstance(current, yaml.SequenceNode):
+            stack.extend(current.value)
+        elif isinstance(current, yaml.MappingNode):
+            for key, value in current.value:
+                stack.extend((key, value))
+    return count
 
 
 def line(node: yaml.Node) -> int:
@@ -139,6 +167,9 @@ def _input_shape(reader: _Reader, node: yaml.Node) -> tuple[int, int, int]:
     if min(value) < 1 or max(value) > MAX_DIM:
         reader.fail(f"'input' dimensions must be between 1 and {MAX_DIM}, got {value}", line(node))
     channels, height, width = value
+    if channels * height * width > MAX_VALUES:
+        reader.fail(f"'input' {value} has {channels * height * width} values per sample, too "
+                    f"many (at most {MAX_VALUES})", line(node))
     return channels, height, width
 
 
@@ -228,6 +259,14 @@ def _add_layers(reader: _Reader, graph: Graph, layers: list[Layer]) -> dict[str,
             reader.fail(f"the name '{layer.name}' is already used by layer {first.index} "
                         f"(line {first.line})", layer.line, layer)
         by_name[layer.name] = layer
+    # An activation becomes a node `<name>.<activation>`: no layer may take that name too,
+    # or the two would silently become one node.
+    for layer in layers:
+        node = f"{layer.name}.{layer.activation}"
+        if layer.activation and node in by_name:
+            other = by_name[node]
+            reader.fail(f"the name '{node}' is already used by the {layer.activation} of layer "
+                        f"'{layer.name}' (line {layer.line})", other.line, other)
 
     depends = nx.DiGraph()
     depends.add_nodes_from(by_name)
@@ -276,9 +315,9 @@ def _check_size(reader: _Reader, graph: Graph, node: str, layer: Layer) -> None:
     size = 1
     for dim in graph.shape(node):
         size *= dim
-    if size > 1 << 26:
-        reader.fail(f"its output of {size} values per sample is too large (at most {1 << 26})",
-                    layer.line, layer)
+    if size > MAX_VALUES:
+        reader.fail(f"its output of {size} values per sample is too large (at most "
+                    f"{MAX_VALUES})", layer.line, layer)
 
 
 def _outputs(reader: _Reader, entry: tuple[yaml.Node, yaml.Node] | None, layers: list[Layer],

@@ -39,7 +39,7 @@ from cnnc.errors import DeviceError, InputError
 from cnnc.graph import Graph
 from cnnc.lower import LoweredModel
 from cnnc.passes.plan_memory import MemoryPlan
-from cnnc.reference import check_input
+from cnnc.reference import check_input, output_bytes
 from cnnc.version import __version__
 
 SOURCE_KINDS = ("cuda", "kernel", "ptx")
@@ -148,7 +148,9 @@ class CudaModel:
     # --- running -----------------------------------------------------------------------------
 
     def __call__(self, x: Any) -> np.ndarray | tuple[np.ndarray, ...]:
-        array = check_input(self.graph, x)
+        # The simulator's "device memory" is host memory too: the arena counts.
+        arena = self.memory.floats * 4 if self.target == "cuda-sim" else 0
+        array = check_input(self.graph, x, output_bytes(self.graph) + arena)
         if self._runner is None:
             missing = device_missing()
             if missing is not None:
