@@ -28,7 +28,7 @@ from cnnc.graph import Graph
 from cnnc.lower import LoweredModel, lower
 from cnnc.passes import Options, groups_of, memory_of, run_pipeline
 from cnnc.passes.plan_memory import MemoryPlan
-from cnnc.reference import check_input
+from cnnc.reference import CHECKED_BYTES, check_input, check_memory
 from cnnc.version import __version__
 
 TARGETS = ("llvm", "cuda", "cuda-sim")
@@ -222,6 +222,8 @@ class CompiledModel:
                 and x.shape[1:] == self._input_shape and x.ndim == self._input_rank):
             x = check_input(self.graph, x)
         batch = x.shape[0]
+        if batch * self._output_floats * 4 > CHECKED_BYTES:  # a huge batch: is there memory?
+            check_memory(self.graph, batch, self._output_floats * 4)
         output = np.empty(batch * self._output_floats, np.float32)
         if batch:
             variant = self._small if batch < self.lanes else self._large

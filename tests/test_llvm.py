@@ -213,3 +213,16 @@ def test_exported_library_runs_from_c_and_matches_python(tmp_path: Path) -> None
     from_python = model(x.reshape(batch, 1, 28, 28))
     assert from_c.shape == (batch * 10,)
     assert_allclose(from_c, from_python.ravel(), rtol=1e-6, atol=1e-7)
+
+
+def test_a_batch_whose_outputs_cannot_fit_in_memory_is_refused_first(tmp_path: Path) -> None:
+    # A tiny float32 input takes the fast path; its 80 GiB of outputs must still be refused
+    # before anything is allocated.
+    path = tmp_path / "wide.yaml"
+    path.write_text("input: [1, 1, 1]\nseed: 0\nlayers:\n  - flatten\n"
+                    "  - dense: {units: 1048576}\n")
+    model = cnnc.compile(path, layout="batch")
+    x = np.zeros((20000, 1, 1, 1), np.float32)
+    with pytest.raises(MemoryError, match="a batch of 20000 images needs 78.1 GiB"):
+        model(x)
+    assert model(x[:2]).shape == (2, 1048576)
