@@ -7,6 +7,7 @@ It parses options, calls the package's API and prints; it computes nothing itsel
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ from cnnc.errors import CnncError, InputError
 from cnnc.frontend import load
 from cnnc.graph import Graph, format_shape
 from cnnc.passes import PASS_NAMES
-from cnnc.reference import reference
+from cnnc.reference import check_memory, output_bytes, reference
 
 # The targets `cnnc run` accepts; `_make_runner` must know each one.
 TARGETS: tuple[str, ...] = (*COMPILED_TARGETS, "reference")
@@ -198,6 +199,8 @@ def run(model: Path, input_path: Path | None, batch: int | None, seed: int | Non
         origin = str(input_path)
     else:
         rng = np.random.default_rng(seed or 0)
+        # The input and the outputs, before either is allocated.
+        check_memory(loaded, batch or 1, 4 * math.prod(loaded.input_shape) + output_bytes(loaded))
         x = rng.random((batch or 1, *loaded.input_shape), dtype=np.float32)
         origin = f"random, seed {seed or 0}"
     runner = _make_runner(loaded, target, no_fuse=no_fuse, schedule=schedule,

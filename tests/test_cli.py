@@ -232,3 +232,10 @@ def test_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0
     assert result.stdout == f"cnnc {cnnc.__version__}\n"
+
+
+def test_run_refuses_a_random_batch_too_large_for_memory() -> None:
+    result = run_cli("run", LENET, "--batch", "100000000", "--target", "reference")
+    assert result.returncode == 2
+    assert "error: model 'lenet': a batch of 100000000 images needs" in result.stderr
+    assert "Traceback" not in result.stderr
