@@ -22,6 +22,7 @@ from cnnc.driver import TARGETS as COMPILED_TARGETS
 from cnnc.driver import compile as compile_model
 from cnnc.errors import CnncError, InputError
 from cnnc.frontend import load
+from cnnc.fuzz import fuzz_command
 from cnnc.graph import Graph, format_shape
 from cnnc.passes import PASS_NAMES
 from cnnc.reference import check_memory, output_bytes, reference
@@ -316,13 +317,7 @@ def tune(model: Path, target: str, seconds: float, seed: int, output_path: Path)
     click.echo(f"wrote {output_path}")
 
 
-def _register_fuzz() -> None:
-    from cnnc.fuzz import fuzz_command
-
-    main.add_command(fuzz_command, "fuzz")
-
-
-_register_fuzz()
+main.add_command(fuzz_command, "fuzz")
 
 
 def _int_list(text: str, option: str) -> list[int]:

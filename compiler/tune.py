@@ -24,6 +24,7 @@ from cnnc.graph import Graph
 from cnnc.passes.fuse import groups_of
 from cnnc.passes.layout import layout_of
 from cnnc.passes.tile import signature
+from cnnc.profile import seconds_per_call
 from cnnc.reference import reference
 from cnnc.version import __version__
 
@@ -76,21 +77,7 @@ def time_kernel(model: CompiledModel, layout: str, index: int, batch: int,
     """Seconds one run of kernel `index` (counting the edge kernels) takes at `batch`."""
     variant = next(v for v in model.variants if v.layout == layout)
     run = model.kernel_runner(variant, batch)
-    run(index)
-    calls, elapsed = 1, 0.0
-    while elapsed < seconds:
-        start = time.perf_counter()
-        for _ in range(calls):
-            run(index)
-        elapsed = time.perf_counter() - start
-        calls *= 2
-    best = elapsed / (calls // 2)
-    for _ in range(2):
-        start = time.perf_counter()
-        for _ in range(calls // 2):
-            run(index)
-        best = min(best, (time.perf_counter() - start) / (calls // 2))
-    return best
+    return seconds_per_call(lambda: run(index), seconds, best_of=3)
 
 
 def tune(graph: Graph, seconds: float, seed: int = 0,

@@ -81,7 +81,3 @@ def layout_of(graph: Graph) -> Layout:
     chosen: Layout = graph.nx.graph.get("layout", Layout("batch", 1))
     return chosen
 
-
-def lanes_of(graph: Graph) -> int:
-    """Images per batch block."""
-    return layout_of(graph).images_per_block
