@@ -14,7 +14,6 @@ import os
 import re
 import subprocess
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,7 +156,7 @@ class CompiledModel:
 
     def __init__(self, graph: Graph, variants: list[Variant], threads: int | None,
                  use_cache: bool, check_bounds: bool = False) -> None:
-        from cnnc.backends.llvm import jit
+        from cnnc.backends.llvm import jit, pool
 
         self.graph = graph
         self.name = graph.name
@@ -201,7 +200,11 @@ class CompiledModel:
         self._small = self.variant_for(1)
         self._input_shape = graph.input_shape
         self._input_rank = 1 + len(graph.input_shape)
-        self._pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
+        self._pool = pool.ThreadPool(self.threads) if self.threads > 1 else None
+        self._runner_addresses = {variant.layout: self._library.address(variant.runner)
+                                  for variant in variants}
+        # Per variant: one arena per thread of the pool, and the table of their addresses.
+        self._pool_arenas: dict[str, tuple[list[np.ndarray], np.ndarray]] = {}
         self._output_sizes = [math.prod(shape) for shape in self.output_shapes]
         self._output_floats = sum(self._output_sizes)
 
@@ -233,12 +236,7 @@ class CompiledModel:
             if workers == 1 or self._pool is None:
                 self._run(variant, source, target, batch, 0, blocks)
             else:
-                bounds = [blocks * part // workers for part in range(workers + 1)]
-                futures = [self._pool.submit(self._run, variant, source, target, batch, first,
-                                             end) for first, end in zip(bounds[1:-1], bounds[2:])]
-                self._run(variant, source, target, batch, 0, bounds[1])
-                for future in futures:
-                    future.result()
+                self._run_parallel(variant, source, target, batch, blocks)
         if len(self.output_shapes) == 1:
             return output.reshape(batch, *self.output_shapes[0])
         outputs = []
@@ -247,6 +245,23 @@ class CompiledModel:
             outputs.append(output[batch * start: batch * (start + size)].reshape(batch, *shape))
             start += size
         return tuple(outputs)
+
+    def _run_parallel(self, variant: Variant, source: int, target: int, batch: int,
+                      blocks: int) -> None:
+        """All threads share the blocks; on the calling thread alone if another call is
+        using the pool."""
+        assert self._pool is not None
+        arenas = self._pool_arenas.get(variant.layout)
+        if arenas is None:
+            buffers = [_aligned_floats(variant.memory.floats) for _ in range(self.threads)]
+            arenas = (buffers, np.array([_address(buffer) for buffer in buffers], np.int64))
+            self._pool_arenas[variant.layout] = arenas
+        status = self._pool.try_call(self._runner_addresses[variant.layout], source, target,
+                                     batch, blocks, _address(arenas[1]))
+        if status is None:
+            self._run(variant, source, target, batch, 0, blocks)
+        else:
+            self._check_status(status, batch, 0, blocks)
 
     def _run(self, variant: Variant, source: int, target: int, batch: int, first: int,
              end: int) -> None:
@@ -261,6 +276,9 @@ class CompiledModel:
             status = self._runners[variant.layout](source, target, batch, first, end, arena[1])
         finally:
             arenas.append(arena)
+        self._check_status(status, batch, first, end)
+
+    def _check_status(self, status: int, batch: int, first: int, end: int) -> None:
         if status != 0:
             raise RuntimeError(f"model '{self.name}' failed with status {status}")
         if self._bounds_flag is not None and self._bounds_flag.value:

@@ -1,0 +1,281 @@
+"""A native thread pool for the compiled model: workers that wait for work spinning in native
+code, and share a call's batch blocks through one atomic counter.
+
+Why not `concurrent.futures`: on our 2-core machines, a worker that sleeps between calls is
+woken by the calling thread and often lands on the caller's core, where the two share one
+core until the scheduler moves one of them; two threads then ran the LeNet only 1.25 times as
+fast as one. Here a worker spins (with `pause`) for a few milliseconds after its last block,
+so back-to-back calls find it awake on its own core; only then does it return to Python and
+sleep on a condition. Blocks are claimed one at a time, so the caller never waits for a
+worker that is asleep or late: it runs whatever is left itself.
+
+The control block is an int64 array, each field on a cache line of its own:
+
+    SEQ     number of the current job; a worker spins until it changes (-1: stop)
+    JOB     the job: runner address, x, y, batch, blocks, address of the arena table
+    NEXT    (SEQ << 32) | next unclaimed block; tagged, so that a late worker can never
+            claim a block of a job that is not the one whose arguments it read
+    DONE    blocks finished
+    STATUS  the first non-zero status a runner returned
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+import weakref
+
+import numpy as np
+from llvmlite import ir
+
+from cnnc.backends.llvm import jit
+
+LINE = 8  # int64s per 64-byte cache line
+SEQ, JOB, NEXT, DONE, STATUS = (field * LINE for field in range(5))
+FN, X, Y, BATCH, BLOCKS, ARENAS = range(JOB, JOB + 6)
+CONTROL_SIZE = 5 * LINE
+STOP = -1
+# How long an idle worker spins before it sleeps: long enough to span the Python between two
+# calls of a loop, short enough not to hold a core for long after the last one.
+SPIN_SECONDS = 0.002
+
+I64 = ir.IntType(64)
+I32 = ir.IntType(32)
+I8_PTR = ir.IntType(8).as_pointer()
+# The runner of a variant: x, y, batch, first block, end block, arena -> status.
+RUNNER = ir.FunctionType(I32, (I8_PTR, I8_PTR, I64, I64, I64, I8_PTR))
+
+
+def build_module() -> ir.Module:
+    """`cnnc_pool_call(control, runner, x, y, batch, blocks, arenas)`: post a job, run blocks
+    of it on the calling thread until none is left, wait for the rest, return the status;
+    `cnnc_pool_worker(control, participant, last, spin_cycles)`: run every job posted after
+    job `last`; return the last job seen once idle for `spin_cycles`, or -1 when told to stop."""
+    module = ir.Module(name="cnnc_pool")
+    module.triple = jit.host().triple
+    pause = ir.Function(module, ir.FunctionType(ir.VoidType(), ()), "llvm.x86.sse2.pause")
+    cycles = ir.Function(module, ir.FunctionType(I64, ()), "llvm.readcyclecounter")
+    i64_ptr = I64.as_pointer()
+
+    def at(builder: ir.IRBuilder, control: ir.Value, index: int) -> ir.Value:
+        return builder.gep(control, [ir.Constant(I64, index)])
+
+    def load(builder: ir.IRBuilder, control: ir.Value, index: int, order: str = "acquire"
+             ) -> ir.Value:
+        return builder.load_atomic(at(builder, control, index), order, 8)
+
+    def store(builder: ir.IRBuilder, value: ir.Value, control: ir.Value, index: int,
+              order: str = "monotonic") -> None:
+        builder.store_atomic(value, at(builder, control, index), order, 8)
+
+    # --- claim blocks of the current job and run them, until none is left ------------------
+    run = ir.Function(module, ir.FunctionType(ir.VoidType(), (i64_ptr, I64)), "cnnc_pool_run")
+    run.linkage = "internal"
+    control, participant = run.args
+    builder = ir.IRBuilder(run.append_basic_block("entry"))
+    seq = load(builder, control, SEQ)
+    runner = builder.inttoptr(load(builder, control, FN, "monotonic"), RUNNER.as_pointer())
+    x = builder.inttoptr(load(builder, control, X, "monotonic"), I8_PTR)
+    y = builder.inttoptr(load(builder, control, Y, "monotonic"), I8_PTR)
+    batch = load(builder, control, BATCH, "monotonic")
+    blocks = load(builder, control, BLOCKS, "monotonic")
+    arenas = builder.inttoptr(load(builder, control, ARENAS, "monotonic"), i64_ptr)
+    arena = builder.inttoptr(builder.load(builder.gep(arenas, [participant])), I8_PTR)
+    tag = builder.shl(seq, ir.Constant(I64, 32))
+    claim = run.append_basic_block("claim")
+    work = run.append_basic_block("work")
+    builder.branch(claim)
+    builder.position_at_end(claim)
+    word = load(builder, control, NEXT, "monotonic")
+    block = builder.and_(word, ir.Constant(I64, 0xFFFFFFFF))
+    current = builder.icmp_unsigned("==", builder.and_(word, ir.Constant(I64, -1 << 32)), tag)
+    with builder.if_then(builder.not_(builder.and_(
+            current, builder.icmp_signed("<", block, blocks)))):
+        builder.ret_void()
+    pair = builder.cmpxchg(at(builder, control, NEXT), word,
+                           builder.add(word, ir.Constant(I64, 1)), "acq_rel", "monotonic")
+    builder.cbranch(builder.extract_value(pair, 1), work, claim)
+    builder.position_at_end(work)
+    status = builder.call(runner, [x, y, batch, block, builder.add(block, ir.Constant(I64, 1)),
+                                   arena])
+    with builder.if_then(builder.icmp_signed("!=", status, ir.Constant(I32, 0)), likely=False):
+        store(builder, builder.zext(status, I64), control, STATUS)
+    builder.atomic_rmw("add", at(builder, control, DONE), ir.Constant(I64, 1), "release")
+    builder.branch(claim)
+
+    # --- cnnc_pool_call: the calling thread posts a job, takes part, waits ---------------------
+    call = ir.Function(module, ir.FunctionType(I32, (i64_ptr, I64, I64, I64, I64, I64, I64)),
+                       "cnnc_pool_call")
+    control, *job = call.args
+    builder = ir.IRBuilder(call.append_basic_block("entry"))
+    seq = builder.add(load(builder, control, SEQ, "monotonic"), ir.Constant(I64, 1))
+    for index, value in zip((FN, X, Y, BATCH, BLOCKS, ARENAS), job):
+        store(builder, value, control, index)
+    store(builder, ir.Constant(I64, 0), control, DONE)
+    store(builder, ir.Constant(I64, 0), control, STATUS)
+    store(builder, builder.shl(seq, ir.Constant(I64, 32)), control, NEXT)
+    store(builder, seq, control, SEQ, "release")
+    builder.call(run, [control, ir.Constant(I64, 0)])
+    spin = call.append_basic_block("wait")
+    out = call.append_basic_block("out")
+    builder.branch(spin)
+    builder.position_at_end(spin)
+    with builder.if_then(builder.icmp_signed("<", load(builder, control, DONE), job[4])):
+        builder.call(pause, [])
+        builder.branch(spin)
+    builder.branch(out)
+    builder.position_at_end(out)
+    builder.ret(builder.trunc(load(builder, control, STATUS, "monotonic"), I32))
+
+    # --- cnnc_pool_worker: a worker thread's life in native code -------------------------------
+    worker = ir.Function(module, ir.FunctionType(I64, (i64_ptr, I64, I64, I64)),
+                         "cnnc_pool_worker")
+    control, participant, last, limit = worker.args
+    entry = worker.append_basic_block("entry")
+    loop = worker.append_basic_block("loop")
+    job_block = worker.append_basic_block("job")
+    idle = worker.append_basic_block("idle")
+    builder = ir.IRBuilder(entry)
+    started = builder.call(cycles, [])
+    builder.branch(loop)
+    builder.position_at_end(loop)
+    seen = builder.phi(I64, "seen")
+    since = builder.phi(I64, "since")  # when this idle spell began
+    seen.add_incoming(last, entry)
+    since.add_incoming(started, entry)
+    seq = load(builder, control, SEQ)
+    builder.cbranch(builder.icmp_signed("!=", seq, seen), job_block, idle)
+    builder.position_at_end(job_block)
+    with builder.if_then(builder.icmp_signed("==", seq, ir.Constant(I64, STOP))):
+        builder.ret(ir.Constant(I64, STOP))
+    builder.call(run, [control, participant])
+    finished = builder.call(cycles, [])
+    seen.add_incoming(seq, builder.block)
+    since.add_incoming(finished, builder.block)
+    builder.branch(loop)
+    builder.position_at_end(idle)
+    with builder.if_then(builder.icmp_unsigned(">", builder.sub(builder.call(cycles, []), since),
+                                               limit)):
+        builder.ret(seen)
+    builder.call(pause, [])
+    seen.add_incoming(seen, builder.block)
+    since.add_incoming(since, builder.block)
+    builder.branch(loop)
+
+    ticks = ir.Function(module, ir.FunctionType(I64, ()), "cnnc_pool_ticks")
+    builder = ir.IRBuilder(ticks.append_basic_block("entry"))
+    builder.ret(builder.call(cycles, []))
+    return module
+
+
+
+_CALL = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
+_WORKER = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                           ctypes.c_int64)
+
+
+class _Native:
+    """The pool's code, compiled once per process: it does not depend on any model."""
+
+    def __init__(self) -> None:
+        self.library = jit.JitLibrary(jit.emit_object(jit.optimise(str(build_module()))))
+        self.call = _CALL(self.library.address("cnnc_pool_call"))
+        self.worker = _WORKER(self.library.address("cnnc_pool_worker"))
+        ticks = ctypes.CFUNCTYPE(ctypes.c_int64)(self.library.address("cnnc_pool_ticks"))
+        clock, start = time.perf_counter(), ticks()
+        time.sleep(0.002)
+        per_second = (ticks() - start) / (time.perf_counter() - clock)
+        self.spin_ticks = max(1, int(per_second * SPIN_SECONDS))
+
+
+_NATIVE: _Native | None = None
+_NATIVE_LOCK = threading.Lock()
+
+
+def _native() -> _Native:
+    global _NATIVE
+    with _NATIVE_LOCK:
+        if _NATIVE is None:
+            _NATIVE = _Native()
+        return _NATIVE
+
+
+class _Sleepers:
+    """What the workers share with their pool: the condition they sleep on, and how many do."""
+
+    def __init__(self) -> None:
+        self.wake = threading.Condition()
+        self.count = 0
+
+
+class ThreadPool:
+    """`threads - 1` workers that, with the calling thread, run the batch blocks of a call.
+
+    Workers start on the first call. One call at a time uses the pool: `try_call` returns
+    None when another call holds it, and the caller then runs its blocks alone."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._native = _native()
+        raw = np.zeros(CONTROL_SIZE + LINE, np.int64)
+        start = (-raw.ctypes.data % 64) // 8
+        self._control = raw[start: start + CONTROL_SIZE]  # cache-line aligned
+        self._address = self._control.ctypes.data
+        self._lock = threading.Lock()
+        self._sleepers = _Sleepers()
+        self._started = False
+        # The workers never hold the pool, so that a pool nobody uses any more is collected
+        # and its finaliser stops them.
+        self._finalizer = weakref.finalize(self, _stop, self._control, self._sleepers)
+
+    def try_call(self, runner: int, x: int, y: int, batch: int, blocks: int, arenas: int
+                 ) -> int | None:
+        """Run blocks [0, blocks) of `runner` over the threads, participant p with the arena
+        whose address is arenas[p]; the first non-zero status or 0, None if the pool is busy."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            if not self._started:
+                self._start()
+            if self._sleepers.count:
+                with self._sleepers.wake:
+                    self._sleepers.wake.notify_all()
+            return int(self._native.call(self._address, runner, x, y, batch, blocks, arenas))
+        finally:
+            self._lock.release()
+
+    def _start(self) -> None:
+        self._started = True
+        for participant in range(1, self.threads):
+            threading.Thread(target=_serve, name=f"cnnc-worker-{participant}", daemon=True,
+                             args=(self._native, self._control, participant,
+                                   self._sleepers)).start()
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _serve(native: _Native, control: np.ndarray, participant: int, sleepers: _Sleepers
+           ) -> None:
+    """A worker: spin in native code while calls keep coming, sleep when they stop."""
+    address = control.ctypes.data
+    last = int(control[SEQ])
+    while True:
+        last = int(native.worker(address, participant, last, native.spin_ticks))
+        if last == STOP:
+            return
+        with sleepers.wake:
+            # A job posted since the spin ended is taken at once. One posted while we sleep
+            # is run by its caller alone, who wakes us for the next.
+            if int(control[SEQ]) == last:
+                sleepers.count += 1
+                sleepers.wake.wait()
+                sleepers.count -= 1
+
+
+def _stop(control: np.ndarray, sleepers: _Sleepers) -> None:
+    control[SEQ] = STOP
+    with sleepers.wake:
+        sleepers.wake.notify_all()

@@ -1,0 +1,86 @@
+"""The native thread pool: workers share a call's blocks, give every image the bits one thread
+gives it, sleep (stop spinning) when calls stop, wake for the next call, and end when their
+model is collected. A call made while another holds the pool runs on its own thread."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import EXAMPLES, GOLDEN, TOLERANCE, as_list, expected_outputs
+from numpy.testing import assert_allclose, assert_array_equal
+
+import cnnc
+from cnnc.backends.llvm import pool
+
+
+def workers_alive() -> set[threading.Thread]:
+    return {thread for thread in threading.enumerate() if thread.name.startswith("cnnc-worker")}
+
+
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_every_batch_size_gets_the_bits_of_one_thread(threads: int) -> None:
+    graph = cnnc.load(GOLDEN / "lenet_relu_max.yaml")
+    alone = cnnc.compile(graph, threads=1)
+    shared = cnnc.compile(graph, threads=threads)
+    rng = np.random.default_rng(3)
+    for batch in (2, 5, 15, 16, 17, 33, 64, 100):
+        x = rng.standard_normal((batch, *graph.input_shape)).astype(np.float32)
+        assert_array_equal(shared(x), alone(x), err_msg=f"batch {batch}")
+
+
+@pytest.mark.parametrize("case", ["lenet_relu_max", "multi_in_out"])
+def test_golden_outputs_through_the_pool(case: str) -> None:
+    graph = cnnc.load(GOLDEN / f"{case}.yaml")
+    model = cnnc.compile(graph, threads=2)
+    x = np.load(GOLDEN / f"{case}.io.npz")["input"]
+    copies = -(-48 // len(x))  # at least 3 blocks of 16, so that both threads take part
+    outputs = as_list(model(np.concatenate([x] * copies)))
+    for actual, expected in zip(outputs, expected_outputs(case, graph)):
+        assert_allclose(actual, np.concatenate([expected] * copies), **TOLERANCE)
+
+
+def test_idle_workers_sleep_and_wake_for_the_next_call() -> None:
+    model = cnnc.compile(EXAMPLES / "lenet.yaml", threads=2)
+    x = np.random.default_rng(0).random((64, 1, 28, 28), dtype=np.float32)
+    expected = model(x)
+    # Spinning ends SPIN_SECONDS after the last call; then the process uses no CPU.
+    time.sleep(50 * pool.SPIN_SECONDS)
+    used = time.process_time()
+    time.sleep(0.3)
+    assert time.process_time() - used < 0.1, "an idle worker kept spinning"
+    assert model._pool._sleepers.count == 1
+    assert_array_equal(model(x), expected)  # woken, or its blocks run by the caller
+
+
+def test_workers_end_when_their_model_is_collected() -> None:
+    before = workers_alive()
+    model = cnnc.compile(EXAMPLES / "lenet.yaml", threads=3)
+    model(np.zeros((64, 1, 28, 28), np.float32))
+    started = workers_alive() - before
+    assert len(started) == 2
+    del model
+    gc.collect()
+    for thread in started:
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+
+
+def test_a_call_while_the_pool_is_busy_runs_on_its_own_thread() -> None:
+    model = cnnc.compile(EXAMPLES / "lenet.yaml", threads=2)
+    x = np.random.default_rng(1).random((32, 1, 28, 28), dtype=np.float32)
+    expected = model(x)
+    assert model._pool is not None
+    model._pool._lock.acquire()  # as if another call held the pool
+    try:
+        assert_array_equal(model(x), expected)
+    finally:
+        model._pool._lock.release()
+
+
+def test_one_thread_has_no_pool() -> None:
+    model = cnnc.compile(EXAMPLES / "lenet.yaml", threads=1)
+    assert model._pool is None
