@@ -156,7 +156,7 @@ class CompiledModel:
 
     def __init__(self, graph: Graph, variants: list[Variant], threads: int | None,
                  use_cache: bool, check_bounds: bool = False) -> None:
-        from cnnc.backends.llvm import jit, pool
+        from cnnc.backends.llvm import jit, runtime
 
         self.graph = graph
         self.name = graph.name
@@ -200,7 +200,8 @@ class CompiledModel:
         self._small = self.variant_for(1)
         self._input_shape = graph.input_shape
         self._input_rank = 1 + len(graph.input_shape)
-        self._pool = pool.ThreadPool(self.threads) if self.threads > 1 else None
+        self._pool = runtime.ThreadPool(self.threads) if self.threads > 1 else None
+        self._call = runtime.native().call
         self._runner_addresses = {variant.layout: self._library.address(variant.runner)
                                   for variant in variants}
         # Per variant: one arena per thread of the pool, and the table of their addresses.
@@ -221,24 +222,30 @@ class CompiledModel:
     # straight to native code; anything else goes through `check_input` first.
 
     def __call__(self, x: Any) -> np.ndarray | tuple[np.ndarray, ...]:
-        if not (type(x) is np.ndarray and x.dtype == np.float32 and x.flags.c_contiguous
+        if not (type(x) is np.ndarray and x.dtype is _FLOAT32 and x.flags.c_contiguous
                 and x.shape[1:] == self._input_shape and x.ndim == self._input_rank):
             x = check_input(self.graph, x)
         batch = x.shape[0]
         if batch * self._output_floats * 4 > CHECKED_BYTES:  # a huge batch: is there memory?
             check_memory(self.graph, batch, self._output_floats * 4)
-        output = np.empty(batch * self._output_floats, np.float32)
+        single = len(self.output_shapes) == 1
+        output = np.empty((batch, *self.output_shapes[0]) if single else
+                          batch * self._output_floats, np.float32)
         if batch:
+            # Native code reads the arrays' data pointers from these slots.
+            if _DATA_OFFSET is not None:
+                x_slot, y_slot = id(x) + _DATA_OFFSET, id(output) + _DATA_OFFSET
+            else:
+                slots = np.array([x.ctypes.data, output.ctypes.data], np.int64)
+                x_slot, y_slot = slots.ctypes.data, slots.ctypes.data + 8
             variant = self._small if batch < self.lanes else self._large
             blocks = -(-batch // variant.images_per_block)
-            workers = min(self.threads, blocks)
-            source, target = _address(x), _address(output)
-            if workers == 1 or self._pool is None:
-                self._run(variant, source, target, batch, 0, blocks)
+            if blocks == 1 or self._pool is None:
+                self._run(variant, x_slot, y_slot, batch, 0, blocks)
             else:
-                self._run_parallel(variant, source, target, batch, blocks)
-        if len(self.output_shapes) == 1:
-            return output.reshape(batch, *self.output_shapes[0])
+                self._run_parallel(variant, x_slot, y_slot, batch, blocks)
+        if single:
+            return output
         outputs = []
         start = 0
         for size, shape in zip(self._output_sizes, self.output_shapes):
@@ -246,7 +253,7 @@ class CompiledModel:
             start += size
         return tuple(outputs)
 
-    def _run_parallel(self, variant: Variant, source: int, target: int, batch: int,
+    def _run_parallel(self, variant: Variant, x_slot: int, y_slot: int, batch: int,
                       blocks: int) -> None:
         """All threads share the blocks; on the calling thread alone if another call is
         using the pool."""
@@ -256,14 +263,14 @@ class CompiledModel:
             buffers = [_aligned_floats(variant.memory.floats) for _ in range(self.threads)]
             arenas = (buffers, np.array([_address(buffer) for buffer in buffers], np.int64))
             self._pool_arenas[variant.layout] = arenas
-        status = self._pool.try_call(self._runner_addresses[variant.layout], source, target,
+        status = self._pool.try_call(self._runner_addresses[variant.layout], x_slot, y_slot,
                                      batch, blocks, _address(arenas[1]))
         if status is None:
-            self._run(variant, source, target, batch, 0, blocks)
+            self._run(variant, x_slot, y_slot, batch, 0, blocks)
         else:
             self._check_status(status, batch, 0, blocks)
 
-    def _run(self, variant: Variant, source: int, target: int, batch: int, first: int,
+    def _run(self, variant: Variant, x_slot: int, y_slot: int, batch: int, first: int,
              end: int) -> None:
         """Blocks [first, end) on this thread, with an arena no other call is using."""
         arenas = self._arenas[variant.layout]
@@ -273,10 +280,12 @@ class CompiledModel:
             buffer = _aligned_floats(variant.memory.floats)
             arena = (buffer, _address(buffer))
         try:
-            status = self._runners[variant.layout](source, target, batch, first, end, arena[1])
+            status = self._call(self._runner_addresses[variant.layout], x_slot, y_slot, batch,
+                                first, end, arena[1])
         finally:
             arenas.append(arena)
-        self._check_status(status, batch, first, end)
+        if status or self._bounds_flag is not None:
+            self._check_status(status, batch, first, end)
 
     def _check_status(self, status: int, batch: int, first: int, end: int) -> None:
         if status != 0:
@@ -427,6 +436,7 @@ def _data_pointer_offset() -> int | None:
 
 
 _DATA_OFFSET = _data_pointer_offset()
+_FLOAT32 = np.dtype(np.float32)  # arrays of float32 share this one instance
 
 
 def _address(array: np.ndarray) -> int:

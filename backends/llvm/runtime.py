@@ -1,5 +1,11 @@
-"""A native thread pool for the compiled model: workers that wait for work spinning in native
-code, and share a call's batch blocks through one atomic counter.
+"""The native side of calling a compiled model: a thread pool, and the call itself.
+
+`cnnc_call` runs a model's runner on the calling thread. It takes the addresses where the
+NumPy arrays keep their data pointers (inside the array objects), so that the Python call path
+need not ask NumPy for them: that costs more than a small model's convolution.
+
+The thread pool: workers wait for work spinning in native code, and share a call's batch
+blocks through one atomic counter.
 
 Why not `concurrent.futures`: on our 2-core machines, a worker that sleeps between calls is
 woken by the calling thread and often lands on the caller's core, where the two share one
@@ -48,7 +54,9 @@ RUNNER = ir.FunctionType(I32, (I8_PTR, I8_PTR, I64, I64, I64, I8_PTR))
 
 
 def build_module() -> ir.Module:
-    """`cnnc_pool_call(control, runner, x, y, batch, blocks, arenas)`: post a job, run blocks
+    """`cnnc_call(runner, x_slot, y_slot, batch, first, end, arena)`: the runner on this thread,
+    with x and y read from their slots (each the address of a data pointer);
+    `cnnc_pool_call(control, runner, x_slot, y_slot, batch, blocks, arenas)`: post a job, run blocks
     of it on the calling thread until none is left, wait for the rest, return the status;
     `cnnc_pool_worker(control, participant, last, spin_cycles)`: run every job posted after
     job `last`; return the last job seen once idle for `spin_cycles`, or -1 when told to stop."""
@@ -104,11 +112,24 @@ def build_module() -> ir.Module:
     builder.atomic_rmw("add", at(builder, control, DONE), ir.Constant(I64, 1), "release")
     builder.branch(claim)
 
+    def data(builder: ir.IRBuilder, slot: ir.Value) -> ir.Value:
+        return builder.load(builder.inttoptr(slot, i64_ptr))
+
+    # --- cnnc_call: the runner on the calling thread ---------------------------------------------
+    single = ir.Function(module, ir.FunctionType(I32, (I64,) * 7), "cnnc_call")
+    runner_address, x_slot, y_slot, batch, first, end, arena = single.args
+    builder = ir.IRBuilder(single.append_basic_block("entry"))
+    builder.ret(builder.call(builder.inttoptr(runner_address, RUNNER.as_pointer()), [
+        builder.inttoptr(data(builder, x_slot), I8_PTR),
+        builder.inttoptr(data(builder, y_slot), I8_PTR), batch, first, end,
+        builder.inttoptr(arena, I8_PTR)]))
+
     # --- cnnc_pool_call: the calling thread posts a job, takes part, waits ---------------------
     call = ir.Function(module, ir.FunctionType(I32, (i64_ptr, I64, I64, I64, I64, I64, I64)),
                        "cnnc_pool_call")
     control, *job = call.args
     builder = ir.IRBuilder(call.append_basic_block("entry"))
+    job[1], job[2] = data(builder, job[1]), data(builder, job[2])
     seq = builder.add(load(builder, control, SEQ, "monotonic"), ir.Constant(I64, 1))
     for index, value in zip((FN, X, Y, BATCH, BLOCKS, ARENAS), job):
         store(builder, value, control, index)
@@ -170,8 +191,8 @@ def build_module() -> ir.Module:
 
 
 
-_CALL = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
+_CALL = ctypes.CFUNCTYPE(ctypes.c_int32, *[ctypes.c_int64] * 7)
+_POOL_CALL = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, *[ctypes.c_int64] * 6)
 _WORKER = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                            ctypes.c_int64)
 
@@ -181,7 +202,8 @@ class _Native:
 
     def __init__(self) -> None:
         self.library = jit.JitLibrary(jit.emit_object(jit.optimise(str(build_module()))))
-        self.call = _CALL(self.library.address("cnnc_pool_call"))
+        self.call = _CALL(self.library.address("cnnc_call"))
+        self.pool_call = _POOL_CALL(self.library.address("cnnc_pool_call"))
         self.worker = _WORKER(self.library.address("cnnc_pool_worker"))
         ticks = ctypes.CFUNCTYPE(ctypes.c_int64)(self.library.address("cnnc_pool_ticks"))
         clock, start = time.perf_counter(), ticks()
@@ -194,7 +216,7 @@ _NATIVE: _Native | None = None
 _NATIVE_LOCK = threading.Lock()
 
 
-def _native() -> _Native:
+def native() -> _Native:
     global _NATIVE
     with _NATIVE_LOCK:
         if _NATIVE is None:
@@ -218,7 +240,7 @@ class ThreadPool:
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
-        self._native = _native()
+        self._native = native()
         raw = np.zeros(CONTROL_SIZE + LINE, np.int64)
         start = (-raw.ctypes.data % 64) // 8
         self._control = raw[start: start + CONTROL_SIZE]  # cache-line aligned
@@ -230,10 +252,11 @@ class ThreadPool:
         # and its finaliser stops them.
         self._finalizer = weakref.finalize(self, _stop, self._control, self._sleepers)
 
-    def try_call(self, runner: int, x: int, y: int, batch: int, blocks: int, arenas: int
-                 ) -> int | None:
+    def try_call(self, runner: int, x_slot: int, y_slot: int, batch: int, blocks: int,
+                 arenas: int) -> int | None:
         """Run blocks [0, blocks) of `runner` over the threads, participant p with the arena
-        whose address is arenas[p]; the first non-zero status or 0, None if the pool is busy."""
+        whose address is arenas[p]; the first non-zero status or 0, None if the pool is busy.
+        x and y are read from their slots as for `cnnc_call`."""
         if not self._lock.acquire(blocking=False):
             return None
         try:
@@ -242,7 +265,8 @@ class ThreadPool:
             if self._sleepers.count:
                 with self._sleepers.wake:
                     self._sleepers.wake.notify_all()
-            return int(self._native.call(self._address, runner, x, y, batch, blocks, arenas))
+            return int(self._native.pool_call(self._address, runner, x_slot, y_slot, batch,
+                                              blocks, arenas))
         finally:
             self._lock.release()
 

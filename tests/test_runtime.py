@@ -14,7 +14,7 @@ from conftest import EXAMPLES, GOLDEN, TOLERANCE, as_list, expected_outputs
 from numpy.testing import assert_allclose, assert_array_equal
 
 import cnnc
-from cnnc.backends.llvm import pool
+from cnnc.backends.llvm import runtime
 
 
 def workers_alive() -> set[threading.Thread]:
@@ -48,7 +48,7 @@ def test_idle_workers_sleep_and_wake_for_the_next_call() -> None:
     x = np.random.default_rng(0).random((64, 1, 28, 28), dtype=np.float32)
     expected = model(x)
     # Spinning ends SPIN_SECONDS after the last call; then the process uses no CPU.
-    time.sleep(50 * pool.SPIN_SECONDS)
+    time.sleep(50 * runtime.SPIN_SECONDS)
     used = time.process_time()
     time.sleep(0.3)
     assert time.process_time() - used < 0.1, "an idle worker kept spinning"
