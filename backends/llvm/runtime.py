@@ -247,10 +247,12 @@ class ThreadPool:
         self._address = self._control.ctypes.data
         self._lock = threading.Lock()
         self._sleepers = _Sleepers()
-        self._started = False
+        self._workers: list[threading.Thread] = []
         # The workers never hold the pool, so that a pool nobody uses any more is collected
-        # and its finaliser stops them.
-        self._finalizer = weakref.finalize(self, _stop, self._control, self._sleepers)
+        # and its finaliser stops them; it also runs at exit, before the JIT-compiled code
+        # the workers spin in is freed.
+        self._finalizer = weakref.finalize(self, _stop, self._control, self._sleepers,
+                                           self._workers)
 
     def try_call(self, runner: int, x_slot: int, y_slot: int, batch: int, blocks: int,
                  arenas: int) -> int | None:
@@ -260,7 +262,7 @@ class ThreadPool:
         if not self._lock.acquire(blocking=False):
             return None
         try:
-            if not self._started:
+            if not self._workers:
                 self._start()
             if self._sleepers.count:
                 with self._sleepers.wake:
@@ -271,11 +273,12 @@ class ThreadPool:
             self._lock.release()
 
     def _start(self) -> None:
-        self._started = True
         for participant in range(1, self.threads):
-            threading.Thread(target=_serve, name=f"cnnc-worker-{participant}", daemon=True,
-                             args=(self._native, self._control, participant,
-                                   self._sleepers)).start()
+            thread = threading.Thread(target=_serve, name=f"cnnc-worker-{participant}",
+                                      daemon=True, args=(self._native, self._control,
+                                                         participant, self._sleepers))
+            thread.start()
+            self._workers.append(thread)
 
     def close(self) -> None:
         self._finalizer()
@@ -299,7 +302,10 @@ def _serve(native: _Native, control: np.ndarray, participant: int, sleepers: _Sl
                 sleepers.count -= 1
 
 
-def _stop(control: np.ndarray, sleepers: _Sleepers) -> None:
+def _stop(control: np.ndarray, sleepers: _Sleepers, workers: list[threading.Thread]) -> None:
     control[SEQ] = STOP
     with sleepers.wake:
         sleepers.wake.notify_all()
+    for thread in workers:
+        if thread is not threading.current_thread():
+            thread.join(timeout=1.0)
