@@ -97,6 +97,31 @@ class Variant:
         return self.lowered.lanes
 
 
+class _Plan:
+    """How a call runs a variant: its runner's address, its free arenas (each an array and
+    its address) and those of the thread pool."""
+
+    __slots__ = ("runner", "images_per_block", "floats", "arenas", "_pool_table")
+
+    def __init__(self, variant: Variant, runner: int) -> None:
+        self.runner = runner
+        self.images_per_block = variant.images_per_block
+        self.floats = variant.memory.floats
+        self.arenas: list[tuple[np.ndarray, int]] = []
+        self._pool_table: tuple[list[np.ndarray], np.ndarray] | None = None
+
+    def new_arena(self) -> tuple[np.ndarray, int]:
+        buffer = _aligned_floats(self.floats)
+        return buffer, _address(buffer)
+
+    def pool_arenas(self, threads: int) -> int:
+        """The address of a table of one arena address per thread of the pool."""
+        if self._pool_table is None:
+            buffers = [_aligned_floats(self.floats) for _ in range(threads)]
+            self._pool_table = (buffers, np.array([_address(b) for b in buffers], np.int64))
+        return _address(self._pool_table[1])
+
+
 def compile(  # noqa: A001 - the public name the users asked for
     model: str | Path | Graph,
     target: str = "llvm",
@@ -194,20 +219,21 @@ class CompiledModel:
         self._bounds_flag = self._library.bounds_flag() if check_bounds else None
         self._runners = {variant.layout: _RUN_BLOCKS(self._library.address(variant.runner))
                          for variant in variants}
-        self._arenas: dict[str, list[tuple[np.ndarray, int]]] = {
-            variant.layout: [] for variant in variants}
-        self._large = variants[0]
-        self._small = self.variant_for(1)
+        self._plans = {variant.layout: _Plan(variant, self._library.address(variant.runner))
+                       for variant in variants}
+        self._large = self._plans[variants[0].layout]
+        self._small = self._plans[self.variant_for(1).layout]
         self._input_shape = graph.input_shape
         self._input_rank = 1 + len(graph.input_shape)
         self._pool = runtime.ThreadPool(self.threads) if self.threads > 1 else None
         self._call = runtime.native().call
-        self._runner_addresses = {variant.layout: self._library.address(variant.runner)
-                                  for variant in variants}
-        # Per variant: one arena per thread of the pool, and the table of their addresses.
-        self._pool_arenas: dict[str, tuple[list[np.ndarray], np.ndarray]] = {}
         self._output_sizes = [math.prod(shape) for shape in self.output_shapes]
         self._output_floats = sum(self._output_sizes)
+        # The output array of a one-output model is made in its final shape.
+        self._output_tail = tuple(self.output_shapes[0]) if len(self.output_shapes) == 1 \
+            else None
+        # Up to this batch the outputs surely fit in memory; above, `check_memory` asks.
+        self._batch_unchecked = CHECKED_BYTES // (self._output_floats * 4)
 
     def variant_for(self, batch: int) -> Variant:
         """The variant a call with `batch` images uses: one image per block below a full
@@ -226,10 +252,10 @@ class CompiledModel:
                 and x.shape[1:] == self._input_shape and x.ndim == self._input_rank):
             x = check_input(self.graph, x)
         batch = x.shape[0]
-        if batch * self._output_floats * 4 > CHECKED_BYTES:  # a huge batch: is there memory?
+        if batch > self._batch_unchecked:  # a huge batch: is there memory for its outputs?
             check_memory(self.graph, batch, self._output_floats * 4)
-        single = len(self.output_shapes) == 1
-        output = np.empty((batch, *self.output_shapes[0]) if single else
+        tail = self._output_tail
+        output = np.empty((batch, *tail) if tail is not None else
                           batch * self._output_floats, np.float32)
         if batch:
             # Native code reads the arrays' data pointers from these slots.
@@ -238,13 +264,13 @@ class CompiledModel:
             else:
                 slots = np.array([x.ctypes.data, output.ctypes.data], np.int64)
                 x_slot, y_slot = slots.ctypes.data, slots.ctypes.data + 8
-            variant = self._small if batch < self.lanes else self._large
-            blocks = -(-batch // variant.images_per_block)
+            plan = self._small if batch < self.lanes else self._large
+            blocks = -(-batch // plan.images_per_block)
             if blocks == 1 or self._pool is None:
-                self._run(variant, x_slot, y_slot, batch, 0, blocks)
+                self._run(plan, x_slot, y_slot, batch, 0, blocks)
             else:
-                self._run_parallel(variant, x_slot, y_slot, batch, blocks)
-        if single:
+                self._run_parallel(plan, x_slot, y_slot, batch, blocks)
+        if tail is not None:
             return output
         outputs = []
         start = 0
@@ -253,35 +279,28 @@ class CompiledModel:
             start += size
         return tuple(outputs)
 
-    def _run_parallel(self, variant: Variant, x_slot: int, y_slot: int, batch: int,
+    def _run_parallel(self, plan: _Plan, x_slot: int, y_slot: int, batch: int,
                       blocks: int) -> None:
         """All threads share the blocks; on the calling thread alone if another call is
         using the pool."""
         assert self._pool is not None
-        arenas = self._pool_arenas.get(variant.layout)
-        if arenas is None:
-            buffers = [_aligned_floats(variant.memory.floats) for _ in range(self.threads)]
-            arenas = (buffers, np.array([_address(buffer) for buffer in buffers], np.int64))
-            self._pool_arenas[variant.layout] = arenas
-        status = self._pool.try_call(self._runner_addresses[variant.layout], x_slot, y_slot,
-                                     batch, blocks, _address(arenas[1]))
+        table = plan.pool_arenas(self.threads)
+        status = self._pool.try_call(plan.runner, x_slot, y_slot, batch, blocks, table)
         if status is None:
-            self._run(variant, x_slot, y_slot, batch, 0, blocks)
+            self._run(plan, x_slot, y_slot, batch, 0, blocks)
         else:
             self._check_status(status, batch, 0, blocks)
 
-    def _run(self, variant: Variant, x_slot: int, y_slot: int, batch: int, first: int,
+    def _run(self, plan: _Plan, x_slot: int, y_slot: int, batch: int, first: int,
              end: int) -> None:
         """Blocks [first, end) on this thread, with an arena no other call is using."""
-        arenas = self._arenas[variant.layout]
+        arenas = plan.arenas
         try:
             arena = arenas.pop()  # atomic: concurrent calls never share an arena
         except IndexError:
-            buffer = _aligned_floats(variant.memory.floats)
-            arena = (buffer, _address(buffer))
+            arena = plan.new_arena()
         try:
-            status = self._call(self._runner_addresses[variant.layout], x_slot, y_slot, batch,
-                                first, end, arena[1])
+            status = self._call(plan.runner, x_slot, y_slot, batch, first, end, arena[1])
         finally:
             arenas.append(arena)
         if status or self._bounds_flag is not None:

@@ -138,7 +138,20 @@ def _pack_input(graph: Graph, layout: Layout) -> Kernel:
         loops = [If(full, [transpose]), If(less(BATCH, BLOCK * layout.images_per_block
                                                  + layout.images_per_block), loops)]
     floats = layout.floats(shape)
-    if layout.channels(shape[0]) > shape[0]:
+    if layout.kind == "channel" and shape[0] == 1 < layout.channels(1):
+        # One channel: each pixel's vector is [value, 0, ..., 0], stored whole, instead of
+        # zeroing the block and then copying the values one by one.
+        width = layout.vector(1)
+        pixel = Var("i")
+        value = Select(less(LANE, 1), Load("x", BLOCK * size + pixel), Const(0.0))
+        loops = [
+            If(less(BLOCK, BATCH), [For("i", size, [For("lane", width, [
+                Store("packed", pixel * width + LANE, value)], "vectorized", role="lane")])]),
+            If(Bin("<=", BATCH, BLOCK), [For("i", size, [For("lane", width, [
+                Store("packed", pixel * width + LANE, Const(0.0))], "vectorized",
+                role="lane")])]),
+        ]
+    elif layout.channels(shape[0]) > shape[0]:
         # Zero the padding channels with whole vectors first; the copy then fills the rest.
         element = Var("i")
         width = layout.vector(shape[0])

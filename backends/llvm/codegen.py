@@ -549,6 +549,10 @@ class _FunctionEmitter:
         if isinstance(expr, Select):
             cond = self.value(expr.cond)
             then, otherwise = self.pair(Bin("+", expr.then, expr.otherwise))
+            if isinstance(cond.type, ir.VectorType) and \
+                    not isinstance(then.type, ir.VectorType):  # a lane's choice of scalars
+                vector = ir.VectorType(then.type, cond.type.count)
+                then, otherwise = self.fit(then, vector), self.fit(otherwise, vector)
             return builder.select(cond, then, otherwise)
         if isinstance(expr, Bin):
             return self.binary(expr)
