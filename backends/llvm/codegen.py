@@ -334,12 +334,12 @@ class ModuleBuilder:
             poly = fma(poly, reduced, const(coefficient))
         squared = builder.fmul(reduced, reduced)
         poly = fma(poly, squared, builder.fadd(reduced, const(1.0)))
+        # poly * 2^whole, by adding whole to poly's exponent field: an integer add instead of
+        # a multiply, which would compete with the polynomial's FMAs for the FMA pipes.
+        # Exact: the clamps keep 2^whole * poly a normal number, as a multiply would give.
         int_type = ir.VectorType(I32, width) if width > 1 else I32
-        exponent = builder.fptosi(whole, int_type)
-        exponent = builder.add(exponent, _splat_constant(I32, 127, width))
-        exponent = builder.shl(exponent, _splat_constant(I32, 23, width))
-        scale = builder.bitcast(exponent, type_)
-        result = builder.fmul(poly, scale)
+        exponent = builder.shl(builder.fptosi(whole, int_type), _splat_constant(I32, 23, width))
+        result = builder.bitcast(builder.add(builder.bitcast(poly, int_type), exponent), type_)
         is_nan = builder.fcmp_unordered("uno", x, x)
         builder.ret(builder.select(is_nan, x, result))
         self._exp[width] = function
