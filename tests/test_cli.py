@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -239,3 +240,16 @@ def test_run_refuses_a_random_batch_too_large_for_memory() -> None:
     assert result.returncode == 2
     assert "error: model 'lenet': a batch of 100000000 images needs" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bench_times_each_engine_in_its_own_process_after_checking_it(tmp_path: Path) -> None:
+    report = tmp_path / "bench.json"
+    result = run_cli("bench", GOLDEN / "lenet.yaml", "--batch", "2", "--threads", "1",
+                     "--against", "reference", "--rounds", "3", "--json", report, "--profile")
+    assert result.returncode == 0, result.stderr
+    assert "images/s" in result.stdout and "profile: threads=1 batch=2" in result.stdout
+    records = json.loads(report.read_text())["results"]
+    assert {record["engine"] for record in records} == {"cnnc-llvm", "reference"}
+    for record in records:
+        assert len(record["seconds"]) == 3
+        assert record["max_error"] < 1e-5  # checked against the reference before timing

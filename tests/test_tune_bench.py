@@ -79,3 +79,18 @@ def test_bench_refuses_to_time_an_engine_that_disagrees() -> None:
     assert len(timed["cnnc-llvm"].seconds) == 3
     assert timed["cnnc-llvm"].max_error < 1e-5
     assert "images/s" in report.table()
+
+
+def test_the_profile_lists_every_kernel_with_its_share_of_the_time() -> None:
+    model = cnnc.compile(GOLDEN / "lenet.yaml", threads=1)
+    for batch, layout in ((1, "channel"), (32, "batch")):
+        variant = model.variant_for(batch)
+        lines = model.profile(batch, seconds=0.05).splitlines()
+        names = [kernel.name for kernel in variant.lowered.kernels]
+        assert [line.split()[0] for line in lines[1:-1]] == names
+        shares = [int(line.split()[2].rstrip("%")) for line in lines[1:-1]]
+        assert abs(sum(shares) - 100) <= len(names)  # each share is rounded
+        assert all(float(line.split()[1].removesuffix("us")) >= 0 for line in lines[1:-1])
+        convolution = lines[1 + names.index("conv2d_sigmoid_avgpool2d_1")]
+        assert float(convolution.split()[3]) > 0  # GFLOP/s of a kernel that computes
+        assert f"batch {batch}, {layout} layout" in lines[-1]
