@@ -190,7 +190,7 @@ class CompiledModel:
         self.lowered = primary.lowered
         self.memory = primary.memory
         self.lanes = primary.images_per_block
-        self.threads = max(1, threads or os.cpu_count() or 1)
+        self.threads = max(1, threads or runtime.cpus())
         self.kernels = [group.name for group in groups_of(primary.graph)]
         self.output_shapes = [graph.shape(name) for name in graph.outputs]
         self._jit_variants = [jit.Variant(variant.runner, variant.lowered,

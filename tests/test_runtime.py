@@ -84,3 +84,13 @@ def test_a_call_while_the_pool_is_busy_runs_on_its_own_thread() -> None:
 def test_one_thread_has_no_pool() -> None:
     model = cnnc.compile(EXAMPLES / "lenet.yaml", threads=1)
     assert model._pool is None
+
+
+def test_workers_of_a_pool_larger_than_the_machine_do_not_spin() -> None:
+    # A spinning worker would take a CPU from a thread with work to do.
+    assert runtime.ThreadPool(runtime.cpus() + 1)._spin_ticks == 0
+    assert runtime.ThreadPool(1)._spin_ticks > 0
+
+
+def test_threads_default_to_the_cpus_the_process_may_use() -> None:
+    assert cnnc.compile(EXAMPLES / "lenet.yaml").threads == runtime.cpus()

@@ -28,6 +28,7 @@ The control block is an int64 array, each field on a cache line of its own:
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 import time
 import weakref
@@ -241,6 +242,9 @@ class ThreadPool:
     def __init__(self, threads: int) -> None:
         self.threads = threads
         self._native = native()
+        # More threads than CPUs: a spinning worker would take a CPU from one with work, so
+        # workers sleep as soon as they are idle.
+        self._spin_ticks = self._native.spin_ticks if threads <= cpus() else 0
         raw = np.zeros(CONTROL_SIZE + LINE, np.int64)
         start = (-raw.ctypes.data % 64) // 8
         self._control = raw[start: start + CONTROL_SIZE]  # cache-line aligned
@@ -276,7 +280,8 @@ class ThreadPool:
         for participant in range(1, self.threads):
             thread = threading.Thread(target=_serve, name=f"cnnc-worker-{participant}",
                                       daemon=True, args=(self._native, self._control,
-                                                         participant, self._sleepers))
+                                                         participant, self._sleepers,
+                                                         self._spin_ticks))
             thread.start()
             self._workers.append(thread)
 
@@ -284,13 +289,21 @@ class ThreadPool:
         self._finalizer()
 
 
-def _serve(native: _Native, control: np.ndarray, participant: int, sleepers: _Sleepers
-           ) -> None:
+def cpus() -> int:
+    """The CPUs this process may run on (all of the machine's, unless it is confined)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _serve(native: _Native, control: np.ndarray, participant: int, sleepers: _Sleepers,
+           spin_ticks: int) -> None:
     """A worker: spin in native code while calls keep coming, sleep when they stop."""
     address = control.ctypes.data
     last = int(control[SEQ])
     while True:
-        last = int(native.worker(address, participant, last, native.spin_ticks))
+        last = int(native.worker(address, participant, last, spin_ticks))
         if last == STOP:
             return
         with sleepers.wake:
