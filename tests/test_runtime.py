@@ -5,6 +5,7 @@ model is collected. A call made while another holds the pool runs on its own thr
 from __future__ import annotations
 
 import gc
+import os
 import threading
 import time
 
@@ -94,3 +95,20 @@ def test_workers_of_a_pool_larger_than_the_machine_do_not_spin() -> None:
 
 def test_threads_default_to_the_cpus_the_process_may_use() -> None:
     assert cnnc.compile(EXAMPLES / "lenet.yaml").threads == runtime.cpus()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_gets_workers_of_its_own() -> None:
+    model = cnnc.compile(EXAMPLES / "lenet.yaml", threads=2)
+    x = np.random.default_rng(2).random((64, 1, 28, 28), dtype=np.float32)
+    expected = model(x)  # the parent's workers have started
+    pid = os.fork()
+    if pid == 0:  # the child: its answer is its exit status
+        ok = False
+        try:
+            ok = np.array_equal(model(x), expected) and len(model._pool._workers) == 1 \
+                and model._pool._workers[0].is_alive()
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

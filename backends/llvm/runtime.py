@@ -245,6 +245,13 @@ class ThreadPool:
         # More threads than CPUs: a spinning worker would take a CPU from one with work, so
         # workers sleep as soon as they are idle.
         self._spin_ticks = self._native.spin_ticks if threads <= cpus() else 0
+        self._fresh()
+        _POOLS.add(self)
+
+    def _fresh(self) -> None:
+        """New control block, lock, condition and no workers: at the start, and in the child
+        of a fork, which inherits the parent's pool but none of its threads (and maybe a lock
+        that one of them held)."""
         raw = np.zeros(CONTROL_SIZE + LINE, np.int64)
         start = (-raw.ctypes.data % 64) // 8
         self._control = raw[start: start + CONTROL_SIZE]  # cache-line aligned
@@ -287,6 +294,19 @@ class ThreadPool:
 
     def close(self) -> None:
         self._finalizer()
+
+
+_POOLS: weakref.WeakSet[ThreadPool] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_POOLS):
+        pool._finalizer.detach()  # the parent's workers are not ours to stop
+        pool._fresh()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def cpus() -> int:
