@@ -13,6 +13,7 @@ import math
 import os
 import re
 import subprocess
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +102,7 @@ class _Plan:
     """How a call runs a variant: its runner's address, its free arenas (each an array and
     its address) and those of the thread pool."""
 
-    __slots__ = ("runner", "images_per_block", "floats", "arenas", "_pool_table")
+    __slots__ = ("runner", "images_per_block", "floats", "arenas", "_pool_table", "_lock")
 
     def __init__(self, variant: Variant, runner: int) -> None:
         self.runner = runner
@@ -109,6 +110,7 @@ class _Plan:
         self.floats = variant.memory.floats
         self.arenas: list[tuple[np.ndarray, int]] = []
         self._pool_table: tuple[list[np.ndarray], np.ndarray] | None = None
+        self._lock = threading.Lock()
 
     def new_arena(self) -> tuple[np.ndarray, int]:
         buffer = _aligned_floats(self.floats)
@@ -116,10 +118,12 @@ class _Plan:
 
     def pool_arenas(self, threads: int) -> int:
         """The address of a table of one arena address per thread of the pool."""
-        if self._pool_table is None:
-            buffers = [_aligned_floats(self.floats) for _ in range(threads)]
-            self._pool_table = (buffers, np.array([_address(b) for b in buffers], np.int64))
-        return _address(self._pool_table[1])
+        with self._lock:  # made once, by the first of concurrent first calls
+            if self._pool_table is None:
+                buffers = [_aligned_floats(self.floats) for _ in range(threads)]
+                self._pool_table = (buffers,
+                                    np.array([_address(b) for b in buffers], np.int64))
+            return _address(self._pool_table[1])
 
 
 def compile(  # noqa: A001 - the public name the users asked for

@@ -22,7 +22,7 @@ The control block is an int64 array, each field on a cache line of its own:
     NEXT    (SEQ << 32) | next unclaimed block; tagged, so that a late worker can never
             claim a block of a job that is not the one whose arguments it read
     DONE    blocks finished
-    STATUS  the first non-zero status a runner returned
+    STATUS  the first non-zero status a runner returned (0 if none)
 """
 
 from __future__ import annotations
@@ -78,19 +78,21 @@ def build_module() -> ir.Module:
               order: str = "monotonic") -> None:
         builder.store_atomic(value, at(builder, control, index), order, 8)
 
-    # --- claim blocks of the current job and run them, until none is left ------------------
-    run = ir.Function(module, ir.FunctionType(ir.VoidType(), (i64_ptr, I64)), "cnnc_pool_run")
+    # --- claim blocks of job `seq` and run them, until none is left ------------------------
+    run = ir.Function(module, ir.FunctionType(ir.VoidType(), (i64_ptr, I64, I64)),
+                      "cnnc_pool_run")
     run.linkage = "internal"
-    control, participant = run.args
+    control, participant, seq = run.args
     builder = ir.IRBuilder(run.append_basic_block("entry"))
-    seq = load(builder, control, SEQ)
     runner = builder.inttoptr(load(builder, control, FN, "monotonic"), RUNNER.as_pointer())
     x = builder.inttoptr(load(builder, control, X, "monotonic"), I8_PTR)
     y = builder.inttoptr(load(builder, control, Y, "monotonic"), I8_PTR)
     batch = load(builder, control, BATCH, "monotonic")
     blocks = load(builder, control, BLOCKS, "monotonic")
     arenas = builder.inttoptr(load(builder, control, ARENAS, "monotonic"), i64_ptr)
-    arena = builder.inttoptr(builder.load(builder.gep(arenas, [participant])), I8_PTR)
+    # The caller retags NEXT before it writes the job (and fences): if any field read above
+    # is the next job's, NEXT below carries that job's tag, and a late worker claims nothing.
+    builder.fence("acquire")
     tag = builder.shl(seq, ir.Constant(I64, 32))
     claim = run.append_basic_block("claim")
     work = run.append_basic_block("work")
@@ -106,10 +108,12 @@ def build_module() -> ir.Module:
                            builder.add(word, ir.Constant(I64, 1)), "acq_rel", "monotonic")
     builder.cbranch(builder.extract_value(pair, 1), work, claim)
     builder.position_at_end(work)
+    arena = builder.inttoptr(builder.load(builder.gep(arenas, [participant])), I8_PTR)
     status = builder.call(runner, [x, y, batch, block, builder.add(block, ir.Constant(I64, 1)),
                                    arena])
     with builder.if_then(builder.icmp_signed("!=", status, ir.Constant(I32, 0)), likely=False):
-        store(builder, builder.zext(status, I64), control, STATUS)
+        builder.cmpxchg(at(builder, control, STATUS), ir.Constant(I64, 0),
+                        builder.zext(status, I64), "monotonic", "monotonic")  # the first
     builder.atomic_rmw("add", at(builder, control, DONE), ir.Constant(I64, 1), "release")
     builder.branch(claim)
 
@@ -132,13 +136,15 @@ def build_module() -> ir.Module:
     builder = ir.IRBuilder(call.append_basic_block("entry"))
     job[1], job[2] = data(builder, job[1]), data(builder, job[2])
     seq = builder.add(load(builder, control, SEQ, "monotonic"), ir.Constant(I64, 1))
+    # NEXT first: from here on no late worker of an earlier job can claim a block.
+    store(builder, builder.shl(seq, ir.Constant(I64, 32)), control, NEXT)
+    builder.fence("release")
     for index, value in zip((FN, X, Y, BATCH, BLOCKS, ARENAS), job):
         store(builder, value, control, index)
     store(builder, ir.Constant(I64, 0), control, DONE)
     store(builder, ir.Constant(I64, 0), control, STATUS)
-    store(builder, builder.shl(seq, ir.Constant(I64, 32)), control, NEXT)
     store(builder, seq, control, SEQ, "release")
-    builder.call(run, [control, ir.Constant(I64, 0)])
+    builder.call(run, [control, ir.Constant(I64, 0), seq])
     spin = call.append_basic_block("wait")
     out = call.append_basic_block("out")
     builder.branch(spin)
@@ -171,7 +177,7 @@ def build_module() -> ir.Module:
     builder.position_at_end(job_block)
     with builder.if_then(builder.icmp_signed("==", seq, ir.Constant(I64, STOP))):
         builder.ret(ir.Constant(I64, STOP))
-    builder.call(run, [control, participant])
+    builder.call(run, [control, participant, seq])
     finished = builder.call(cycles, [])
     seen.add_incoming(seq, builder.block)
     since.add_incoming(finished, builder.block)
@@ -219,6 +225,8 @@ _NATIVE_LOCK = threading.Lock()
 
 def native() -> _Native:
     global _NATIVE
+    if _NATIVE is not None:
+        return _NATIVE
     with _NATIVE_LOCK:
         if _NATIVE is None:
             _NATIVE = _Native()
@@ -300,6 +308,8 @@ _POOLS: weakref.WeakSet[ThreadPool] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
+    global _NATIVE_LOCK
+    _NATIVE_LOCK = threading.Lock()  # a thread of the parent may have held it
     for pool in list(_POOLS):
         pool._finalizer.detach()  # the parent's workers are not ours to stop
         pool._fresh()
