@@ -4,6 +4,7 @@ model is collected. A call made while another holds the pool runs on its own thr
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import threading
@@ -112,3 +113,66 @@ def test_a_forked_child_gets_workers_of_its_own() -> None:
             os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_late_worker_never_claims_a_block_of_a_job_it_did_not_read() -> None:
+    # The control block as a caller leaves it halfway through posting job 6: NEXT retagged,
+    # job 6's fields written, SEQ still 5. A worker that saw job 5 arrive only now must not
+    # run any block (it may have read job 6's fields, or job 5's, or a mix of them).
+    native = runtime.native()
+    control = np.zeros(runtime.CONTROL_SIZE, np.int64)
+    calls: list[tuple[int, int]] = []
+
+    @ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                      ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p)
+    def runner(x: int, y: int, batch: int, first: int, end: int, arena: int) -> int:
+        calls.append((first, end))
+        return 0
+
+    arenas = np.zeros(4, np.int64)
+    control[runtime.SEQ] = 5
+    control[runtime.NEXT] = 6 << 32
+    control[runtime.FN] = ctypes.cast(runner, ctypes.c_void_p).value
+    control[runtime.BATCH], control[runtime.BLOCKS] = 64, 4
+    control[runtime.ARENAS] = arenas.ctypes.data
+    assert native.worker(control.ctypes.data, 1, 4, 1000) == 5  # saw job 5, then idled
+    assert calls == [] and control[runtime.DONE] == 0
+    # Once job 6 is posted, the same worker runs its blocks.
+    control[runtime.SEQ] = 6
+    assert native.worker(control.ctypes.data, 1, 5, 1000) == 6
+    assert calls == [(0, 1), (1, 2), (2, 3), (3, 4)] and control[runtime.DONE] == 4
+
+
+def atomic_steps(function: str) -> list[str]:
+    """The atomic loads, stores and fences of a function of the pool's module, in order, as
+    "store 16", "fence release", "load 8", ... (the number is the control block's index)."""
+    text = str(runtime.build_module())
+    body = text[text.index(f'@"{function}"'):]
+    body = body[: body.index("\n}")]
+    where: dict[str, str] = {}
+    steps = []
+    for line in body.splitlines():
+        words = line.replace(",", " ").split()
+        if "getelementptr" in words:
+            where[words[0]] = words[-1]
+        elif words[:1] == ["fence"]:
+            steps.append(" ".join(words))
+        elif "atomic" in words and ("store" in words or "load" in words):
+            pointer = words[words.index("i64*", words.index("atomic") + 2) + 1]
+            steps.append(f"{'store' if 'store' in words else 'load'} {where.get(pointer)}")
+    return steps
+
+
+def test_a_job_is_retagged_before_it_is_written_and_read_before_it_is_claimed() -> None:
+    # The protocol that keeps a late worker from running a block with a stale job's
+    # arguments: the caller stores NEXT (the new tag), fences, writes the job, publishes SEQ;
+    # a worker reads the job, fences, then reads NEXT.
+    post = atomic_steps("cnnc_pool_call")
+    fields = [f"store {index}" for index in range(runtime.FN, runtime.ARENAS + 1)]
+    assert post.index(f"store {runtime.NEXT}") < post.index("fence release") < \
+        min(post.index(step) for step in fields)
+    assert post.index(f"store {runtime.SEQ}") > max(post.index(step) for step in fields)
+    run = atomic_steps("cnnc_pool_run")
+    loads = [f"load {index}" for index in range(runtime.FN, runtime.ARENAS + 1)]
+    assert max(run.index(step) for step in loads) < run.index("fence acquire") < \
+        run.index(f"load {runtime.NEXT}")
