@@ -221,8 +221,6 @@ class CompiledModel:
         self._library = jit.JitLibrary(obj)
         self._library.set_params(self._params)
         self._bounds_flag = self._library.bounds_flag() if check_bounds else None
-        self._runners = {variant.layout: _RUN_BLOCKS(self._library.address(variant.runner))
-                         for variant in variants}
         self._plans = {variant.layout: _Plan(variant, self._library.address(variant.runner))
                        for variant in variants}
         self._large = self._plans[variants[0].layout]
@@ -331,7 +329,7 @@ class CompiledModel:
         arena = _aligned_floats(variant.memory.floats)
         blocks = -(-batch // variant.images_per_block)
         addresses = (_address(x), _address(output), batch, 0, blocks, _address(arena))
-        self._runners[variant.layout](*addresses)
+        _RUN_BLOCKS(self._plans[variant.layout].runner)(*addresses)
         keep = (x, output, arena)  # alive as long as the runner
 
         def run(index: int) -> int:

@@ -143,13 +143,15 @@ def _pack_input(graph: Graph, layout: Layout) -> Kernel:
         # zeroing the block and then copying the values one by one.
         width = layout.vector(1)
         pixel = Var("i")
-        value = Select(less(LANE, 1), Load("x", BLOCK * size + pixel), Const(0.0))
+
+        def every_pixel(value: Expr) -> list[Stmt]:
+            return [For("i", size, [For("lane", width, [
+                Store("packed", pixel * width + LANE, value)], "vectorized", role="lane")])]
+
         loops = [
-            If(less(BLOCK, BATCH), [For("i", size, [For("lane", width, [
-                Store("packed", pixel * width + LANE, value)], "vectorized", role="lane")])]),
-            If(Bin("<=", BATCH, BLOCK), [For("i", size, [For("lane", width, [
-                Store("packed", pixel * width + LANE, Const(0.0))], "vectorized",
-                role="lane")])]),
+            If(less(BLOCK, BATCH), every_pixel(
+                Select(less(LANE, 1), Load("x", BLOCK * size + pixel), Const(0.0)))),
+            If(Bin("<=", BATCH, BLOCK), every_pixel(Const(0.0))),
         ]
     elif layout.channels(shape[0]) > shape[0]:
         # Zero the padding channels with whole vectors first; the copy then fills the rest.

@@ -197,7 +197,6 @@ def build_module() -> ir.Module:
     return module
 
 
-
 _CALL = ctypes.CFUNCTYPE(ctypes.c_int32, *[ctypes.c_int64] * 7)
 _POOL_CALL = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, *[ctypes.c_int64] * 6)
 _WORKER = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
@@ -299,9 +298,6 @@ class ThreadPool:
                                                          self._spin_ticks))
             thread.start()
             self._workers.append(thread)
-
-    def close(self) -> None:
-        self._finalizer()
 
 
 _POOLS: weakref.WeakSet[ThreadPool] = weakref.WeakSet()
