@@ -7,6 +7,7 @@ It parses options, calls the package's API and prints; it computes nothing itsel
 
 from __future__ import annotations
 
+import importlib
 import math
 import time
 from collections.abc import Callable
@@ -17,26 +18,41 @@ import click
 import numpy as np
 
 from cnnc import __version__
-from cnnc.driver import EMIT_KINDS
+from cnnc.compare import ATOL, RTOL, OutputCheck, check_outputs
 from cnnc.driver import TARGETS as COMPILED_TARGETS
 from cnnc.driver import compile as compile_model
+from cnnc.driver import export_kinds
 from cnnc.errors import CnncError, InputError
 from cnnc.frontend import load
-from cnnc.fuzz import fuzz_command
 from cnnc.graph import Graph, format_shape
+from cnnc.model import Model
 from cnnc.passes import PASS_NAMES
 from cnnc.reference import check_memory, output_bytes, reference
 
 # The targets `cnnc run` accepts; `_make_runner` must know each one.
 TARGETS: tuple[str, ...] = (*COMPILED_TARGETS, "reference")
-RTOL, ATOL = 1e-4, 1e-5  # float32 agreement with the reference that --check demands
 
 Outputs = np.ndarray | tuple[np.ndarray, ...]
 Runner = Callable[[np.ndarray], Outputs]
 
 
+# Commands from `cnnc.tools`, imported only when one runs (or `--help` lists them), so that
+# `import cnnc.cli` stays light: the fuzzer alone is over a thousand lines.
+TOOL_COMMANDS = {"fuzz": ("cnnc.tools.fuzz.command", "fuzz_command")}
+
+
 class _Cli(click.Group):
     """The command group, turning a user's mistake into one line and exit status 2."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *TOOL_COMMANDS])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in TOOL_COMMANDS:
+            module, attribute = TOOL_COMMANDS[name]
+            command: click.Command = getattr(importlib.import_module(module), attribute)
+            return command
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -67,15 +83,35 @@ def main() -> None:
     """
 
 
+def _parse_input_shape(ctx: click.Context, param: click.Parameter,
+                       value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        dims = tuple(int(item) for item in value.split(","))
+    except ValueError:
+        dims = ()
+    if not dims or min(dims) < 1:
+        raise _Failure(f"--input-shape takes positive integers C,H,W, got '{value}'")
+    return dims
+
+
+_input_shape_option = click.option(
+    "--input-shape", callback=_parse_input_shape, default=None, metavar="C,H,W",
+    help="The per-sample input shape of an ONNX model whose input has dynamic dimensions "
+         "besides the batch.")
+
+
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@_input_shape_option
 @click.option("--format", "fmt", type=click.Choice(["text", "dot"]), default="text",
               show_default=True,
               help="text: one line per op with its attributes and output shape; "
                    "dot: Graphviz DOT (pipe it to `dot -Tsvg`).")
-def graph(model: Path, fmt: str) -> None:
+def graph(model: Path, fmt: str, input_shape: tuple[int, ...] | None) -> None:
     """Print the op graph of MODEL, with the shape of every tensor (N is the batch)."""
-    loaded = load(model)
+    loaded = load(model, input_shape)
     click.echo(loaded.to_text() if fmt == "text" else loaded.to_dot())
 
 
@@ -107,7 +143,7 @@ def _compile_options(command: Callable[..., Any]) -> Callable[..., Any]:
 def _compile(graph: Graph, target: str, no_fuse: bool, schedule: Path | None,
              disabled: tuple[str, ...], threads: int | None, arch: str | None,
              fast_math: bool = False, check_bounds: bool = False,
-             dump_ir: Path | None = None) -> Any:
+             dump_ir: Path | None = None) -> Model:
     try:
         return compile_model(graph, target=target, fuse=not no_fuse, threads=threads,
                              schedule=schedule, disable_passes=disabled, dump_ir=dump_ir,
@@ -120,34 +156,41 @@ def _compile(graph: Graph, target: str, no_fuse: bool, schedule: Path | None,
 
 @main.command("compile")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@_input_shape_option
 @click.option("--target", "-t", type=click.Choice(COMPILED_TARGETS), default="llvm",
               show_default=True, help="llvm: the host CPU; cuda: NVIDIA GPUs (CUDA C, NVRTC).")
 @click.option("--output-dir", "-o", type=click.Path(file_okay=False, path_type=Path),
               help="Write the compiled model here. llvm: NAME.h plus --emit; cuda: NAME.cu, "
                    "NAME.ptx, NAME.cubin and NAME.json.")
-@click.option("--emit", default="obj,so", show_default=True,
-              help=f"llvm: comma-separated outputs among {', '.join(EMIT_KINDS)}.")
+@click.option("--emit", default=None,
+              help="Comma-separated outputs of -o. llvm: among ll, asm, obj, so [default: "
+                   "obj,so]; cuda: among cu, ptx, cubin, json [default: all].")
 @click.option("--dump-ir", type=click.Path(file_okay=False, path_type=Path),
               help="Write the graph after every pass, and the kernels, as numbered text files.")
 @click.option("--verbose", "-v", is_flag=True,
               help="Also print each kernel's loop IR and schedule.")
 @_compile_options
-def compile_command(model: Path, target: str, output_dir: Path | None, emit: str,
+def compile_command(model: Path, target: str, output_dir: Path | None, emit: str | None,
                     dump_ir: Path | None, verbose: bool, no_fuse: bool, schedule: Path | None,
                     disabled: tuple[str, ...], threads: int | None, arch: str | None,
-                    fast_math: bool, check_bounds: bool) -> None:
+                    fast_math: bool, check_bounds: bool,
+                    input_shape: tuple[int, ...] | None) -> None:
     """Compile MODEL and print its kernels; with -o, write the compiled files."""
-    kinds = tuple(kind.strip() for kind in emit.split(",") if kind.strip())
-    unknown = sorted(set(kinds) - set(EMIT_KINDS))
+    kinds = None if emit is None else tuple(filter(None, map(str.strip, emit.split(","))))
+    known = export_kinds(target)
+    unknown = sorted(set(kinds or ()) - set(known))
     if unknown:
-        raise _Failure(f"unknown --emit kind '{unknown[0]}'; expected {', '.join(EMIT_KINDS)}")
+        raise _Failure(f"unknown --emit kind '{unknown[0]}'; expected {', '.join(known)}")
+    for directory, option in ((output_dir, "--output-dir"), (dump_ir, "--dump-ir")):
+        if directory is not None:
+            _make_directory(directory, option)
     start = time.perf_counter()
-    compiled = _compile(load(model), target, no_fuse, schedule, disabled, threads, arch,
-                        fast_math, check_bounds, dump_ir)
+    compiled = _compile(load(model, input_shape), target, no_fuse, schedule, disabled, threads,
+                        arch, fast_math, check_bounds, dump_ir)
     seconds = time.perf_counter() - start
     click.echo(f"compiled {compiled.name} for {target} in {seconds:.2f} s: "
                f"{len(compiled.kernels)} kernels")
-    resources = getattr(compiled, "resources", None) or {}
+    resources = compiled.resources
     for name in compiled.kernels:
         line = f"  {name}"
         if name in resources:
@@ -156,14 +199,18 @@ def compile_command(model: Path, target: str, output_dir: Path | None, emit: str
     if verbose:
         click.echo(compiled.source("kernel"))
     if output_dir is not None:
-        written = compiled.export(output_dir, emit=kinds) if target == "llvm" \
-            else compiled.export(output_dir)
+        try:
+            written = compiled.export(output_dir, emit=kinds)
+        except OSError as error:
+            raise _Failure(f"cannot write into '{output_dir}': "
+                           f"{error.strerror or error}") from None
         for path in written:
             click.echo(f"wrote {path}")
 
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@_input_shape_option
 @click.option("--input", "-i", "input_path", type=click.Path(dir_okay=False, path_type=Path),
               help="A .npy file holding a float array (N, C, H, W) to run the model on. "
                    "Without it, a random input in [0, 1) is drawn (see --batch and --seed).")
@@ -185,14 +232,15 @@ def compile_command(model: Path, target: str, output_dir: Path | None, emit: str
 def run(model: Path, input_path: Path | None, batch: int | None, seed: int | None,
         output_path: Path | None, target: str, check: bool, no_fuse: bool,
         schedule: Path | None, disabled: tuple[str, ...], threads: int | None,
-        arch: str | None, fast_math: bool, check_bounds: bool) -> None:
+        arch: str | None, fast_math: bool, check_bounds: bool,
+        input_shape: tuple[int, ...] | None) -> None:
     """Run MODEL on an input and print the shape of each output.
 
     For an output of shape (N, classes) it also prints the top-1 class of each row.
     """
     if input_path is not None and (batch is not None or seed is not None):
         raise click.UsageError("give either --input or --batch/--seed, not both")
-    loaded = load(model)
+    loaded = load(model, input_shape)
     if output_path is not None:
         _check_output_path(output_path, loaded)
     if input_path is not None:
@@ -213,9 +261,8 @@ def run(model: Path, input_path: Path | None, batch: int | None, seed: int | Non
     click.echo(f"input: {_shape_text(x)} ({origin})")
     for name, array in zip(loaded.outputs, outputs, strict=True):
         click.echo(f"output %{name}: {_shape_text(array)}")
-        if array.ndim == 2:
-            classes = " ".join(str(int(index)) for index in array.argmax(axis=1))
-            click.echo(f"top-1: {classes}")
+        if array.ndim == 2 and len(array):
+            click.echo(f"top-1: {_top1(array)}")
     if output_path is not None:
         _write_outputs(output_path, loaded.outputs, outputs)
         click.echo(f"wrote {output_path}")
@@ -225,6 +272,7 @@ def run(model: Path, input_path: Path | None, batch: int | None, seed: int | Non
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@_input_shape_option
 @click.option("--target", "-t", type=click.Choice(COMPILED_TARGETS), default="llvm",
               show_default=True, help="The cnnc target to time.")
 @click.option("--batch", "batches", default="1,64,256", show_default=True,
@@ -244,29 +292,55 @@ def run(model: Path, input_path: Path | None, batch: int | None, seed: int | Non
               help="Also draw images/s per engine and batch size into this PNG.")
 @click.option("--schedule", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Schedules to compile with (as for `cnnc compile`).")
+@click.option("--no-fuse", is_flag=True,
+              help="Time cnnc with one kernel per op instead of fusing conv + activation + "
+                   "pooling (as for `cnnc compile`).")
+@click.option("--disable-pass", "disabled", multiple=True, type=click.Choice(PASS_NAMES),
+              help="Switch off one pass of cnnc's pipeline (repeatable).")
+@click.option("--quiet", "-q", is_flag=True,
+              help="No progress lines on stderr (there are none when stderr is not a "
+                   "terminal).")
 def bench(model: Path, target: str, batches: str, thread_counts: str, against: str,
           rounds: int, json_path: Path | None, profile: bool, plot_path: Path | None,
-          schedule: Path | None) -> None:
+          schedule: Path | None, no_fuse: bool, disabled: tuple[str, ...],
+          quiet: bool, input_shape: tuple[int, ...] | None) -> None:
     """Time MODEL compiled by cnnc against other engines on the same inputs.
 
     Each engine's output is checked against the NumPy reference before it is timed. Prints
     the median latency, the spread of the rounds, images/s and the ratio to every engine.
+    Exits with status 1 when an engine's process died or hung (see the notes).
     """
     import json
+    import sys
 
-    from cnnc.bench import run_bench
+    from cnnc.engines import UnknownEngine, check_engine_names
+    from cnnc.tools.bench import run_bench
 
     if target != "llvm" and profile:
         raise _Failure("--profile times the kernels of the llvm target only")
-    loaded = load(model)
+    engines = [name.strip() for name in against.split(",") if name.strip()]
+    try:
+        check_engine_names(engines)
+    except UnknownEngine as error:
+        raise _Failure(str(error)) from None
     sizes = _int_list(batches, "--batch")
     counts = _int_list(thread_counts, "--threads")
-    engines = [name.strip() for name in against.split(",") if name.strip()]
+    loaded = load(model, input_shape)
+    show = not quiet and sys.stderr.isatty()
+
+    def progress(line: str) -> None:
+        click.echo(f"bench: {line}", err=True)
+
     # Each engine runs in a process of its own; compiling once here fills the cache for them.
-    compiled = {count: _compile(loaded, target, False, schedule, (), count, None)
+    if show:
+        progress(f"compiling {loaded.name} for {target} on {', '.join(map(str, counts))} "
+                 "threads")
+    compiled = {count: _compile(loaded, target, no_fuse, schedule, disabled, count, None)
                 for count in counts}
     report = run_bench(loaded, None, target, sizes, counts, engines, rounds=rounds,
-                       compile_options={"schedule": schedule})
+                       compile_options={"schedule": schedule, "fuse": not no_fuse,
+                                        "disable_passes": disabled},
+                       progress=progress if show else None)
     click.echo(report.table())
     if profile:
         for count in counts:
@@ -274,7 +348,7 @@ def bench(model: Path, target: str, batches: str, thread_counts: str, against: s
                 click.echo(f"\nprofile: threads={count} batch={size}")
                 click.echo(compiled[count].profile(size))
     if plot_path is not None:
-        from cnnc.bench import plot
+        from cnnc.tools.bench import plot
 
         plot(report, str(plot_path), f"{loaded.name} ({target})")
         click.echo(f"wrote {plot_path}")
@@ -284,10 +358,13 @@ def bench(model: Path, target: str, batches: str, thread_counts: str, against: s
                    "notes": report.notes}
         json_path.write_text(json.dumps(records, indent=2) + "\n")
         click.echo(f"wrote {json_path}")
+    if report.failed:
+        raise SystemExit(1)
 
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@_input_shape_option
 @click.option("--target", "-t", type=click.Choice(["llvm"]), default="llvm", show_default=True,
               help="The target whose kernels are tuned.")
 @click.option("--seconds", type=click.FloatRange(min=1), default=60, show_default=True,
@@ -296,7 +373,8 @@ def bench(model: Path, target: str, batches: str, thread_counts: str, against: s
               help="Fixes the order the search tries schedules in.")
 @click.option("--output", "-o", "output_path", type=click.Path(dir_okay=False, path_type=Path),
               required=True, help="The JSON-lines file of tuned schedules to write.")
-def tune(model: Path, target: str, seconds: float, seed: int, output_path: Path) -> None:
+def tune(model: Path, target: str, seconds: float, seed: int, output_path: Path,
+         input_shape: tuple[int, ...] | None) -> None:
     """Search each kernel's schedule with real measurements; write the best per kernel.
 
     `cnnc compile --schedule FILE` (and `run`, `bench`) replay the file without measuring.
@@ -305,9 +383,13 @@ def tune(model: Path, target: str, seconds: float, seed: int, output_path: Path)
     from cnnc.backends.llvm.jit import host
     from cnnc.tune import tune as search
 
-    loaded = load(model)
-    with click.progressbar(length=2 * len(loaded), label="tuning", file=None) as bar:
-        records = search(loaded, seconds, seed, progress=bar.update)
+    loaded = load(model, input_shape)
+    # The bar counts the time budget, which is what ends the search, in steps of 0.1 %.
+    with click.progressbar(length=1000, label="tuning", file=None) as bar:
+        def advance(fraction: float) -> None:
+            bar.update(max(0, round(fraction * 1000) - bar.pos))
+
+        records = search(loaded, seconds, seed, progress=advance)
     lines = [record.to_json(host().cpu) for record in records]
     output_path.write_text("".join(line + "\n" for line in lines))
     for record in records:
@@ -317,7 +399,36 @@ def tune(model: Path, target: str, seconds: float, seed: int, output_path: Path)
     click.echo(f"wrote {output_path}")
 
 
-main.add_command(fuzz_command, "fuzz")
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@_input_shape_option
+@click.option("--output", "-o", "output_path", required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="The file to write: .onnx for ONNX, .yaml for cnnc's format (with its "
+                   ".weights.npz beside it).")
+def convert(model: Path, input_shape: tuple[int, ...] | None, output_path: Path) -> None:
+    """Convert MODEL between ONNX and cnnc's YAML format; the result loads to the same graph."""
+    loaded = load(model, input_shape)
+    suffix = output_path.suffix.lower()
+    try:
+        if suffix == ".onnx":
+            try:
+                from cnnc.frontend.onnx_export import save_onnx
+            except ImportError:
+                raise _Failure("writing ONNX needs the onnx package (pip install "
+                               "'cnnc[onnx]')") from None
+            written = [save_onnx(loaded, output_path)]
+        elif suffix in (".yaml", ".yml"):
+            from cnnc.frontend.yaml_export import save_yaml
+
+            written = save_yaml(loaded, output_path)
+        else:
+            raise _Failure(f"cannot tell the format of '{output_path}'; name it .onnx or .yaml")
+    except OSError as error:
+        raise _Failure(f"cannot write '{output_path}': {error.strerror or error}") from None
+    for path in written:
+        click.echo(f"wrote {path}")
+
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -340,24 +451,34 @@ def _make_runner(graph: Graph, target: str, **options: Any) -> Runner:
 
 
 def _check(graph: Graph, x: np.ndarray, outputs: tuple[np.ndarray, ...]) -> bool:
-    """Compare `outputs` with the reference's; print the largest errors; True when close."""
-    expected = reference(graph, x)
-    ok = True
-    for name, got, want in zip(graph.outputs, outputs,
-                               expected if isinstance(expected, tuple) else (expected,),
-                               strict=True):
-        difference = np.abs(got.astype(np.float64) - want)
-        both_nan = np.isnan(got) & np.isnan(want)
-        difference[both_nan] = 0
-        worst_abs = float(difference.max(initial=0))
-        worst_rel = float((difference / np.maximum(np.abs(want), np.finfo(np.float32).tiny))
-                          .max(initial=0))
-        close = bool(np.all(difference <= ATOL + RTOL * np.abs(want)))
-        ok &= close
-        click.echo(f"check %{name}: max abs error {worst_abs:.3g}, max rel error "
-                   f"{worst_rel:.3g} (rtol={RTOL:g}, atol={ATOL:g}): "
-                   f"{'ok' if close else 'MISMATCH'}")
-    return ok
+    """Compare `outputs` with the reference's; print what decides; True when they agree."""
+    checks = check_outputs(outputs, reference(graph, x), graph.outputs)
+    for result in checks:
+        click.echo(f"check %{result.name}: {_verdict(result)}")
+    return all(result.ok for result in checks)
+
+
+def _verdict(result: OutputCheck) -> str:
+    """What decides agreement: each |got - expected| against atol + rtol * |expected|."""
+    tolerance = f"rtol={RTOL:g}, atol={ATOL:g}"
+    if result.problem is not None:
+        return f"{result.problem}: MISMATCH"
+    if result.ok:
+        return f"max abs error {result.max_abs:.3g} ({tolerance}): ok"
+    got, want = result.got_value, result.want_value
+    where = ", ".join(map(str, result.first_bad or ()))
+    nan_side = ("cnnc gives NaN where the reference does not" if got is not None and
+                math.isnan(got) else "the reference gives NaN where cnnc does not"
+                if want is not None and math.isnan(want) else None)
+    detail = nan_side or f"got {got:.7g}, expected {want:.7g}"
+    return (f"max abs error {result.max_abs:.3g}; {result.bad} of {result.size} values beyond "
+            f"{tolerance}; first at "
+            f"[{where}]: {detail}: MISMATCH")
+
+
+def _top1(array: np.ndarray) -> str:
+    """The top-1 class of each row; 'nan' for a row that holds a NaN."""
+    return " ".join("nan" if np.isnan(row).any() else str(int(row.argmax())) for row in array)
 
 
 def _read_input(path: Path) -> np.ndarray:
@@ -369,6 +490,14 @@ def _read_input(path: Path) -> np.ndarray:
         array.close()
         raise InputError(f"the input '{path}' is a .npz archive; expected one .npy array")
     return array
+
+
+def _make_directory(path: Path, option: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _Failure(f"{option}: cannot create the directory '{path}': "
+                       f"{error.strerror or error}") from None
 
 
 def _check_output_path(path: Path, graph: Graph) -> None:

@@ -74,3 +74,8 @@ class BoundsError(CnncError, RuntimeError):
 class BatchMemoryError(InputError, MemoryError):
     """A call would need more memory than the machine has available; raised before any of
     it is allocated."""
+
+
+class ScheduleError(CnncError, ValueError):
+    """A schedule file or dict (`--schedule`) is malformed, or a field's value does not fit
+    its kernel; the message reads `FILE:LINE: kernel 'NAME': what was expected`."""

@@ -2,15 +2,20 @@
 
 A kernel is buffers plus a body of `for` loops, loads, stores, float locals and arithmetic.
 What it computes is fixed by lowering (`cnnc.lower`); how its loops run is recorded on the
-loops (`kind`) and in the kernel's `Schedule`, which the tiling pass chose. The IR prints as
-readable pseudo-C. It must stay free of any backend's types.
+loops (`kind`) and in the kernel's `Schedule`, which the tiling pass chose. Passes and backends
+go through its one traversal layer (`children`, `walk`, `rewrite`, `substitute`),
+`cnnc.verify` states its rules, and `CStylePrinter` prints it as readable pseudo-C (the CUDA
+printer is a subclass). It must stay free of any backend's types.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
-from typing import Union
+import math
+import operator
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Literal, TypeVar, Union, get_args
 
 import numpy as np
 
@@ -47,8 +52,7 @@ class Expr:
 def arith(op: str, left: Expr, right: Expr) -> Expr:
     """`left op right`, with integer identities folded (x + 0, x * 1, 2 * 3) so that index
     expressions print short. Floats are never folded: 0 * NaN is not 0."""
-    left_int = left.value if isinstance(left, Const) and type(left.value) is int else None
-    right_int = right.value if isinstance(right, Const) and type(right.value) is int else None
+    left_int, right_int = _int_value(left), _int_value(right)
     if left_int is not None and right_int is not None and op in "+-*":
         return Const({"+": left_int + right_int, "-": left_int - right_int,
                       "*": left_int * right_int}[op])
@@ -59,6 +63,10 @@ def arith(op: str, left: Expr, right: Expr) -> Expr:
     if (left_int == 0 or right_int == 0) and op == "*":
         return Const(0)
     return Bin(op, left, right)
+
+
+def _int_value(expr: Expr) -> int | None:
+    return expr.value if isinstance(expr, Const) and type(expr.value) is int else None
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,8 +100,9 @@ class Load(Expr):
 
 @dataclass(frozen=True, eq=False)
 class Bin(Expr):
-    """Arithmetic (+ - * / on ints or floats, // on non-negative ints), `max` (NaN-propagating,
-    as NumPy's maximum), comparisons (< <= of ints, giving a condition), `and` and `or`."""
+    """Arithmetic (+ - * on ints or floats, / on floats, // on non-negative ints), `max`
+    (NaN-propagating, as NumPy's maximum), comparisons (< <= of ints, giving a condition) and
+    `and` of conditions."""
 
     op: str
     left: Expr
@@ -137,7 +146,14 @@ def all_of(*conds: Expr) -> Expr | None:
 
 # --- statements ------------------------------------------------------------------------------
 
-LOOP_KINDS = ("serial", "vectorized", "unrolled", "parallel", "gpu_block", "gpu_thread")
+# How a loop runs: in order, as one vector of its iterations, or unrolled in the code.
+LoopKind = Literal["serial", "vectorized", "unrolled"]
+# What a loop walks, for schedules and for the CUDA backend's choice of parallel loops: the
+# points of an edge kernel, the images of a batch block (or channels of a vector), channel
+# blocks, rows and columns, a reduction, or a pooling window.
+LoopRole = Literal["point", "lane", "channel", "spatial", "reduce", "window"]
+LOOP_KINDS: tuple[LoopKind, ...] = get_args(LoopKind)
+LOOP_ROLES: tuple[LoopRole, ...] = get_args(LoopRole)
 
 
 class Stmt:
@@ -149,8 +165,8 @@ class For(Stmt):
     var: str
     extent: int
     body: list[Stmt]
-    kind: str = "serial"
-    role: str = ""  # what the loop walks ("channel", "lane", "reduce", ...), for schedules
+    kind: LoopKind = "serial"
+    role: LoopRole | None = None
 
 
 @dataclass(eq=False)
@@ -178,30 +194,110 @@ class If(Stmt):
     body: list[Stmt]
 
 
+# --- traversal -------------------------------------------------------------------------------
+
+Node = Expr | Stmt
+N = TypeVar("N", bound=Node)
+
+# The fields of each node type that hold its parts, in the order they are evaluated; a
+# `body` (always last) holds a list of statements.
+_PARTS: dict[type, tuple[str, ...]] = {
+    Const: (), Var: (), Local: (), Load: ("index",), Bin: ("left", "right"), Call: ("arg",),
+    Select: ("cond", "then", "otherwise"), For: ("body",), Store: ("index", "value"),
+    Declare: ("init",), Assign: ("value",), If: ("cond", "body"),
+}
+
+
+def _fields_of(node: Node) -> tuple[str, ...]:
+    try:
+        return _PARTS[type(node)]
+    except KeyError:
+        raise TypeError(f"not a kernel IR node: {node!r}") from None
+
+
+def children(node: Node) -> list[Node]:
+    """The direct parts of `node` (operands, index, value, body statements), in the order
+    they are evaluated."""
+    names = _fields_of(node)
+    if not names:
+        return []
+    parts = [getattr(node, name) for name in names]
+    if isinstance(parts[-1], list):  # a body
+        return parts[:-1] + parts[-1]
+    return parts
+
+
+def walk(root: Node | Sequence[Stmt], expressions: bool = True) -> list[Node]:
+    """Every node of `root` (a node or a body of statements), each after its parts, left to
+    right: a post-order visit, as TVM's `post_order_visit`. Without `expressions`, only the
+    statements (a quick way through a large body when no expression matters)."""
+    order: list[Node] = []
+
+    def visit(node: Node) -> None:
+        for part in children(node):
+            if expressions or isinstance(part, Stmt):
+                visit(part)
+        order.append(node)
+
+    for node in [root] if isinstance(root, (Expr, Stmt)) else root:
+        visit(node)
+    return order
+
+
+def rewrite(root: N, change: Callable[[Node], Node | None]) -> N:
+    """`root` rebuilt bottom-up: each node, once its parts are rewritten, is replaced by
+    `change(node)` unless that is None. Nodes are never edited in place; a subtree that
+    nothing changed is shared with `root`, not copied."""
+    parts = children(root)
+    new_parts = [rewrite(part, change) for part in parts] if parts else parts
+    node: Node = root
+    if any(map(operator.is_not, new_parts, parts)):
+        changes: dict[str, object] = {}
+        for position, name in enumerate(_fields_of(root)):
+            changes[name] = new_parts[position:] if name == "body" else new_parts[position]
+        node = replace(root, **changes)  # type: ignore[type-var]
+    changed = change(node)
+    return node if changed is None else changed  # type: ignore[return-value]
+
+
+def substitute(root: N, values: Mapping[str, Expr]) -> N:
+    """`root` with each loop variable named in `values` replaced by its expression (TVM's
+    `substitute`), and the integer arithmetic around it refolded: `x * 4 + lane` with lane 0
+    is `x * 4`. `values` must not name a variable that a loop inside `root` binds."""
+
+    def replaced(node: Node) -> Node | None:
+        if isinstance(node, Var):
+            return values.get(node.name)
+        if isinstance(node, Bin) and node.op in ("+", "-", "*") and (
+                _int_value(node.left) is not None or _int_value(node.right) is not None):
+            return arith(node.op, node.left, node.right)
+        return None
+
+    return rewrite(root, replaced)
+
+
 # --- kernels ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """How a kernel's loops run; the tiling pass picks it, a JSON file may override it.
+    """How a kernel's loops run; the tiling pass picks it, a schedule file may override it
+    (`cnnc.schedule_file` checks such a file's fields).
 
-    `lanes` is the width of the vectorised lane loop (one lane per image of a batch block),
-    `unroll_max` the largest reduction loop that is fully unrolled, `oc_block` how many output
-    channels one iteration computes together (a register tile that reuses each input load),
-    `x_block` how many neighbouring points of a row it computes together (reusing each
-    weight load),
-    `parallel` the loop split across threads. The GPU fields say how a CUDA kernel maps onto
-    blocks and threads: `gpu_threads` threads per block, each computing `oc_block` output
-    channels at one point; `gpu_batch_inner` puts the images of a batch on neighbouring
-    threads (so a warp reads the same weights at once); `gpu_shared_tiles` gives each block
-    one image and stages the inputs its threads share in `__shared__` memory.
+    `unroll_max` is the largest reduction loop that is fully unrolled, `oc_block` how many
+    output channels one iteration computes together (a register tile that reuses each input
+    load), `x_block` how many neighbouring points of a row it computes together (reusing
+    each weight load). The vector width and the images per block are the layout's, not the
+    schedule's; threads always split a call's batch blocks. The GPU fields say how a CUDA
+    kernel maps onto blocks and threads: `gpu_threads` threads per block, each computing
+    `oc_block` output channels at one point; `gpu_batch_inner` puts the images of a batch on
+    neighbouring threads (so a warp reads the same weights at once); `gpu_shared_tiles` gives
+    each block one image and stages the inputs its threads share in `__shared__` memory.
     """
 
-    lanes: int = 1
     oc_block: int = 1
     x_block: int = 1
     unroll_max: int = 0
-    parallel: str = "batch_block"
     gpu_threads: int = 128
     gpu_batch_inner: bool = False
     gpu_shared_tiles: bool = False
@@ -222,6 +318,11 @@ class Schedule:
         return Schedule(**values)
 
 
+# A kernel reads its inputs and parameters and writes its outputs.
+BufferRole = Literal["input", "output", "param"]
+BUFFER_ROLES: tuple[BufferRole, ...] = get_args(BufferRole)
+
+
 @dataclass(eq=False)
 class Buffer:
     """A kernel argument. `size` counts floats per batch block (lanes included).
@@ -231,7 +332,7 @@ class Buffer:
 
     name: str
     size: int
-    role: str  # "input", "output" or "param"
+    role: BufferRole
     data: np.ndarray | None = None
     per_image: int = 0  # the user's arrays: batch * per_image floats, whatever the block
 
@@ -266,62 +367,96 @@ class Kernel:
         for buffer in params:
             lines.append(f"const float {buffer.name}[{buffer.size}] = {{...}};")
         lines.append(f"kernel {self.name}({args}) {{")
-        lines += print_block(self.body, 1)
+        lines += CStylePrinter().block(self.body, 1)
         lines.append("}")
         return "\n".join(lines)
 
 
 # --- printing --------------------------------------------------------------------------------
 
-_PRECEDENCE = {"or": 0, "and": 1, "<": 2, "<=": 2, "+": 3, "-": 3, "*": 4, "/": 4, "//": 4}
 
+class CStylePrinter:
+    """Prints kernel IR as C-like text: this base prints `Kernel.to_text`'s pseudo-C, and a
+    backend's printer subclasses it to override the names and forms that differ (tinygrad's
+    CStyleLanguage). Statements become lists of lines, expressions strings."""
 
-def print_expr(expr: Expr, parent: int = 0) -> str:
-    if isinstance(expr, Const):
-        if isinstance(expr.value, float):
-            return repr(expr.value) + "f" if np.isfinite(expr.value) else (
-                "-INFINITY" if expr.value < 0 else "INFINITY")
-        return str(expr.value)
-    if isinstance(expr, (Var, Local)):
-        return expr.name
-    if isinstance(expr, Load):
-        return f"{expr.buffer}[{print_expr(expr.index)}]"
-    if isinstance(expr, Call):
-        return f"{expr.fn}({print_expr(expr.arg)})"
-    if isinstance(expr, Select):
-        return (f"({print_expr(expr.cond)} ? {print_expr(expr.then)} : "
-                f"{print_expr(expr.otherwise)})")
-    if isinstance(expr, Bin):
-        if expr.op == "max":
-            return f"max({print_expr(expr.left)}, {print_expr(expr.right)})"
-        level = _PRECEDENCE[expr.op]
-        op = {"and": "&&", "or": "||", "//": "/"}.get(expr.op, expr.op)
-        text = f"{print_expr(expr.left, level)} {op} {print_expr(expr.right, level + 1)}"
-        return f"({text})" if level < parent else text
-    raise TypeError(f"not an expression: {expr!r}")
+    indent = "  "
+    infinity = "INFINITY"  # C99's <math.h> names
+    nan = "NAN"
+    # C's binding strengths of the IR's infix operators, and their spelling in C.
+    precedence = {"and": 1, "<": 2, "<=": 2, "+": 3, "-": 3, "*": 4, "/": 4, "//": 4}
+    operators = {"and": "&&", "//": "/"}
 
+    def block(self, body: Sequence[Stmt], depth: int) -> list[str]:
+        pad = self.indent * depth
+        lines: list[str] = []
+        for stmt in body:
+            if isinstance(stmt, For):
+                lines += self.loop_header(stmt, pad)
+                lines += self.block(stmt.body, depth + 1)
+                lines.append(f"{pad}}}")
+            elif isinstance(stmt, Store):
+                lines.append(f"{pad}{self.access(stmt.buffer, self.expr(stmt.index))} = "
+                             f"{self.expr(stmt.value)};")
+            elif isinstance(stmt, Declare):
+                lines.append(f"{pad}float {stmt.local} = {self.expr(stmt.init)};")
+            elif isinstance(stmt, Assign):
+                lines.append(f"{pad}{stmt.local} = {self.expr(stmt.value)};")
+            elif isinstance(stmt, If):
+                lines.append(f"{pad}if ({self.expr(stmt.cond)}) {{")
+                lines += self.block(stmt.body, depth + 1)
+                lines.append(f"{pad}}}")
+            else:
+                raise TypeError(f"not a statement: {stmt!r}")
+        return lines
 
-def print_block(body: list[Stmt], depth: int) -> list[str]:
-    pad = "  " * depth
-    lines: list[str] = []
-    for stmt in body:
-        if isinstance(stmt, For):
-            note = "" if stmt.kind == "serial" else f"  // {stmt.kind}"
-            lines.append(f"{pad}for ({stmt.var} = 0; {stmt.var} < {stmt.extent}; "
-                         f"{stmt.var}++) {{{note}")
-            lines += print_block(stmt.body, depth + 1)
-            lines.append(f"{pad}}}")
-        elif isinstance(stmt, Store):
-            lines.append(f"{pad}{stmt.buffer}[{print_expr(stmt.index)}] = "
-                         f"{print_expr(stmt.value)};")
-        elif isinstance(stmt, Declare):
-            lines.append(f"{pad}float {stmt.local} = {print_expr(stmt.init)};")
-        elif isinstance(stmt, Assign):
-            lines.append(f"{pad}{stmt.local} = {print_expr(stmt.value)};")
-        elif isinstance(stmt, If):
-            lines.append(f"{pad}if ({print_expr(stmt.cond)}) {{")
-            lines += print_block(stmt.body, depth + 1)
-            lines.append(f"{pad}}}")
-        else:
-            raise TypeError(f"not a statement: {stmt!r}")
-    return lines
+    def loop_header(self, loop: For, pad: str) -> list[str]:
+        """The lines that open `loop`'s block (the caller closes it)."""
+        note = "" if loop.kind == "serial" else f"  // {loop.kind}"
+        return [f"{pad}for ({loop.var} = 0; {loop.var} < {loop.extent}; {loop.var}++) "
+                f"{{{note}"]
+
+    def expr(self, expr: Expr, parent: int = 0) -> str:
+        """`expr`, in parentheses when it binds less tightly than its `parent` operator."""
+        if isinstance(expr, Const):
+            return self.const(expr.value)
+        if isinstance(expr, (Var, Local)):
+            return expr.name
+        if isinstance(expr, Load):
+            return self.access(expr.buffer, self.expr(expr.index))
+        if isinstance(expr, Call):
+            return self.call(expr.fn, self.expr(expr.arg))
+        if isinstance(expr, Select):
+            return (f"({self.expr(expr.cond)} ? {self.expr(expr.then)} : "
+                    f"{self.expr(expr.otherwise)})")
+        if isinstance(expr, Bin):
+            if expr.op == "max":
+                return self.maximum(self.expr(expr.left), self.expr(expr.right))
+            level = self.precedence[expr.op]
+            op = self.operators.get(expr.op, expr.op)
+            text = f"{self.expr(expr.left, level)} {op} {self.expr(expr.right, level + 1)}"
+            return f"({text})" if level < parent else text
+        raise TypeError(f"not an expression: {expr!r}")
+
+    def const(self, value: int | float) -> str:
+        if isinstance(value, float):
+            if math.isnan(value):
+                return self.nan
+            if math.isinf(value):
+                return self.signed(self.infinity if value > 0 else f"-{self.infinity}", value)
+            return self.signed(repr(float(value)) + "f", value)  # repr keeps every bit
+        return self.signed(str(value), value)
+
+    def signed(self, literal: str, value: int | float) -> str:
+        """How a literal of `value` is written; a subclass may bracket negative ones."""
+        return literal
+
+    def access(self, buffer: str, index: str) -> str:
+        return f"{buffer}[{index}]"
+
+    def call(self, fn: str, arg: str) -> str:
+        return f"{fn}({arg})"
+
+    def maximum(self, left: str, right: str) -> str:
+        return f"max({left}, {right})"
+

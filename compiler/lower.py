@@ -30,6 +30,7 @@ from cnnc.kernel import (
     Kernel,
     Load,
     Local,
+    LoopKind,
     Schedule,
     Select,
     Stmt,
@@ -41,6 +42,7 @@ from cnnc.kernel import (
 )
 from cnnc.passes.fuse import Group, groups_of, tensor_of
 from cnnc.passes.layout import LANE, Layout, layout_of
+from cnnc.verify import verify, verifying
 
 BLOCK = Var("block")
 BATCH = Var("batch")
@@ -77,6 +79,9 @@ def lower(graph: Graph) -> LoweredModel:
         model.bindings[unpack.name] = {"packed": tensor_of(graph, output), "y": USER_OUTPUT}
         model.output_offsets.append(offset)
         offset += math.prod(graph.shape(output))
+    if verifying():
+        for kernel in model.kernels:
+            verify(kernel)
     return model
 
 
@@ -162,7 +167,7 @@ def _pack_input(graph: Graph, layout: Layout) -> Kernel:
                 "vectorized", role="lane")]))
     buffers = [Buffer("x", size * layout.images_per_block, "input", per_image=size),
                Buffer("packed", floats, "output")]
-    return Kernel("pack_input", [INPUT], buffers, loops, Schedule(lanes=layout.lanes),
+    return Kernel("pack_input", [INPUT], buffers, loops, Schedule(),
                   uses_batch=True)
 
 
@@ -181,7 +186,7 @@ def _unpack_output(graph: Graph, output: str, index: int, offset: int,
     buffers = [Buffer("packed", layout.floats(shape), "input"),
                Buffer("y", size * layout.images_per_block, "output", per_image=offset + size)]
     return Kernel(f"unpack_output_{index}", [output], buffers, body,
-                  Schedule(lanes=layout.lanes), uses_batch=True)
+                  Schedule(), uses_batch=True)
 
 
 # --- fused kernels ---------------------------------------------------------------------------
@@ -592,7 +597,7 @@ class _KernelBuilder:
         lanes = For("lane", self.layout.images_per_block, [copy], "vectorized", role="lane")
         return _point_loops(shape, [lanes])
 
-    def _reduce_kind(self, extent: int) -> str:
+    def _reduce_kind(self, extent: int) -> LoopKind:
         return "unrolled" if extent <= self.schedule.unroll_max else "serial"
 
 

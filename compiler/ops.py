@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from cnnc.util import ceil_div
+
 Shape = tuple[int, ...]
 Attrs = dict[str, Any]
 Params = dict[str, np.ndarray]
@@ -171,7 +173,7 @@ def window_out(size: int, kernel: int, stride: int, pad: tuple[int, int], dilati
     span = size + pad[0] + pad[1] - dilation * (kernel - 1) - 1
     if span < 0 and not ceil_mode:
         return 0
-    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    out = (ceil_div(span, stride) if ceil_mode else span // stride) + 1
     if ceil_mode and (out - 1) * stride >= size + pad[0]:
         out -= 1
     return max(out, 0)

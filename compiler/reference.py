@@ -2,13 +2,15 @@
 
 It is written to be obviously right, not fast: each op is computed in float64 by the registry's
 reference function and the outputs are rounded to float32 once, at the end. It never fuses or
-tiles, and it imports nothing from the passes or the backends.
+tiles, and it imports nothing from the passes or the backends. `evaluate` is the one loop that
+interprets a graph; the fuzzer hooks into it to round or perturb what each op reads.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import numpy as np
 
@@ -80,22 +82,54 @@ def available_memory() -> int | None:
         return None
 
 
-def reference(graph: Graph, x: object) -> np.ndarray | tuple[np.ndarray, ...]:
-    """Run `graph` on `x` (N, C, H, W); one output gives an array, several a tuple."""
+def reference(model: Graph | str | os.PathLike[str], x: object
+              ) -> np.ndarray | tuple[np.ndarray, ...]:
+    """Run `model` (a Graph, or the path of a model file) on `x` (N, C, H, W); one output
+    gives an array, several a tuple."""
+    if isinstance(model, Graph):
+        graph = model
+    elif isinstance(model, (str, os.PathLike)):
+        from cnnc.frontend import load  # a frontend reads files; the oracle only runs graphs
+
+        graph = load(model)
+    else:
+        raise TypeError(f"reference() takes a Graph or the path of a model file, got "
+                        f"{type(model).__name__}")
     # Every value is kept, in float64: that is what a batch costs here.
     per_image = 8 * sum(math.prod(graph.shape(name)) for name in graph.order())
     array = check_input(graph, x, per_image)
     if len(array) == 0:  # nothing to compute; some ops' NumPy code cannot reshape nothing
         outputs = tuple(np.empty((0, *graph.shape(name)), np.float32) for name in graph.outputs)
         return outputs[0] if len(outputs) == 1 else outputs
-    values: dict[str, np.ndarray] = {INPUT: array.astype(np.float64)}
+    outputs64 = evaluate(graph, array.astype(np.float64))
+    with np.errstate(over="ignore"):  # a float64 result beyond float32's range is ±inf
+        outputs = tuple(output.astype(np.float32) for output in outputs64)
+    return outputs[0] if len(outputs) == 1 else outputs
+
+
+Adjust = Callable[[str, np.ndarray], np.ndarray]
+
+
+def evaluate(graph: Graph, x64: np.ndarray, each: Adjust | None = None
+             ) -> tuple[np.ndarray, ...]:
+    """The outputs of `graph` on the float64 batch `x64`, each op computed in float64.
+
+    `each(key, value)`, when given, sees every value an op reads, at each read, and returns
+    the value to use instead: an operand under its node's name (the input as INPUT), a
+    parameter (as float64) as "node.param". The fuzzer rounds or perturbs them there to
+    see what float32 arithmetic could fairly give; `reference()` passes none."""
+    values: dict[str, np.ndarray] = {INPUT: x64}
     for name in graph.order():
         if name == INPUT:
             continue
         spec = ops.OPS[graph.op(name)]
-        operands = [values[operand] for operand in graph.operands(name)]
         with np.errstate(over="ignore", invalid="ignore"):
-            values[name] = spec.compute(graph.attrs(name), graph.params(name), operands)
-    with np.errstate(over="ignore"):  # a float64 result beyond float32's range is ±inf
-        outputs = tuple(values[name].astype(np.float32) for name in graph.outputs)
-    return outputs[0] if len(outputs) == 1 else outputs
+            operands = [values[operand] for operand in graph.operands(name)]
+            params = graph.params(name)
+            if each is not None:
+                operands = [each(operand, value)
+                            for operand, value in zip(graph.operands(name), operands)]
+                params = {key: each(f"{name}.{key}", value.astype(np.float64))
+                          for key, value in params.items()}
+            values[name] = spec.compute(graph.attrs(name), params, operands)
+    return tuple(values[name] for name in graph.outputs)

@@ -15,11 +15,12 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from cnnc.driver import CompiledModel, compile
+from cnnc.backends.llvm.model import CompiledModel
+from cnnc.compare import agrees
+from cnnc.driver import compile
 from cnnc.graph import Graph
 from cnnc.passes.fuse import groups_of
 from cnnc.passes.layout import layout_of
@@ -41,10 +42,12 @@ class Record:
     schedule: dict[str, int]
     seconds: float
     default_seconds: float
+    model: str  # the model's name: a record found in another model's file is ignored
 
     def to_json(self, cpu: str) -> str:
         return json.dumps({"signature": self.signature, "kernel": self.kernel,
                            "layout": self.layout, "cpu": cpu, "cnnc": __version__,
+                           "model": self.model,
                            "schedule": self.schedule, "seconds": self.seconds,
                            "default_seconds": self.default_seconds}, sort_keys=True)
 
@@ -81,15 +84,26 @@ def time_kernel(model: CompiledModel, layout: str, index: int, batch: int,
 
 
 def tune(graph: Graph, seconds: float, seed: int = 0,
-         progress: Callable[[int], None] | None = None) -> list[Record]:
-    """Tune every kernel of both CPU layouts within about `seconds`."""
+         progress: Callable[[float], None] | None = None) -> list[Record]:
+    """Tune every kernel of both CPU layouts within about `seconds`, compiling included.
+
+    Each kernel gets an equal share of the time left when its turn comes, so the time a
+    kernel whose space runs out early leaves goes to the others. `progress` is told the
+    fraction of the time budget spent (after every candidate) and 1.0 when the search ends,
+    which is when the budget is spent or every kernel's space is."""
+    start = time.perf_counter()
+    end = start + seconds
+
+    def report(fraction: float) -> None:
+        if progress is not None:
+            progress(fraction)
+
     records = []
     layouts = ("batch", "channel")
     base = {layout: compile(graph, layout=layout, threads=1) for layout in layouts}
     work = [(layout, index) for layout in layouts
             for index in range(len(groups_of(base[layout].variants[0].graph)))]
-    budget = seconds / max(1, len(work))
-    for layout, index in work:
+    for number_done, (layout, index) in enumerate(work):
         model = base[layout]
         variant = model.variants[0]
         group = groups_of(variant.graph)[index]
@@ -97,29 +111,25 @@ def tune(graph: Graph, seconds: float, seed: int = 0,
         x = np.random.default_rng(seed).standard_normal((batch, *graph.input_shape))
         x = x.astype(np.float32)
         expected = reference(graph, x)
-        deadline = time.perf_counter() + budget
+        now = time.perf_counter()
+        deadline = now + max(0.0, end - now) / (len(work) - number_done)
         best: tuple[float, dict[str, int]] | None = None
         default = 0.0
         for number, schedule in enumerate(candidates(model, layout, index, seed)):
             if number and time.perf_counter() > deadline:
                 break
             trial = compile(graph, layout=layout, threads=1, schedule={group.name: schedule})
-            if not _agrees(trial(x), expected):
+            report(min(1.0, (time.perf_counter() - start) / seconds))
+            if not agrees(trial(x), expected):
                 continue  # never keep a schedule that changes results
             spent = time_kernel(trial, layout, index + 1, batch)  # + 1: the packing kernel
+            report(min(1.0, (time.perf_counter() - start) / seconds))
             if number == 0:
                 default = spent
             if best is None or spent < best[0]:
                 best = (spent, schedule)
-        if progress is not None:
-            progress(1)
         if best is not None:
             records.append(Record(signature(variant.graph, group, layout), group.name, layout,
-                                  best[1], best[0], default))
+                                  best[1], best[0], default, graph.name))
+    report(1.0)
     return records
-
-
-def _agrees(got: Any, want: Any) -> bool:
-    pairs = zip(got if isinstance(got, tuple) else (got,),
-                want if isinstance(want, tuple) else (want,))
-    return all(np.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True) for a, b in pairs)

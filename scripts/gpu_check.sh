@@ -34,8 +34,17 @@ if command -v nvidia-smi >/dev/null 2>&1; then
         --format=csv,noheader 2>/dev/null | head -n 1)"
 fi
 
+# No GPU driver, no check: say so before pip gets a chance to print anything.
+if ! "$python" -c "import ctypes; ctypes.CDLL('libcuda.so.1')" >/dev/null 2>&1; then
+    echo "gpu_check: no NVIDIA GPU driver here (libcuda.so.1 does not load); nothing to check" >&2
+    exit 2
+fi
+
 echo "== step 1: pip install --no-index --no-deps --no-build-isolation -e . (this checkout)"
-if ! "$python" -m pip install --quiet --no-index --no-deps --no-build-isolation -e . ; then
+pip_log="$(mktemp)"
+trap 'rm -f "$pip_log"' EXIT
+if ! "$python" -m pip install --quiet --no-index --no-deps --no-build-isolation -e . \
+        >"$pip_log" 2>&1; then
     # Already installed from this checkout (an editable install): go on with it.
     if "$python" - "$(pwd)" <<'PY' 2>/dev/null
 import sys
@@ -48,6 +57,7 @@ PY
     then
         echo "   pip could not install it, but cnnc is already installed from this checkout"
     else
+        tail -n 5 "$pip_log" >&2
         echo "gpu_check: installing the checkout failed (pip and setuptools>=64 must be" \
              "installed, and the environment writable: set PYTHON to a virtual environment's" \
              "python)" >&2

@@ -3,6 +3,7 @@ op through the reference, and running the real `cnnc` command."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -20,6 +21,7 @@ GOLDEN = ROOT / "tests" / "golden"
 EXAMPLES = ROOT / "examples"
 CASES = sorted(path.stem for path in GOLDEN.glob("*.yaml"))
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}  # float32 against the float64 reference
+os.environ.setdefault("CNNC_VERIFY", "1")  # lowering verifies every kernel (and children)
 
 
 @pytest.fixture(autouse=True)

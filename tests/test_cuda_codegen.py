@@ -219,7 +219,7 @@ def test_without_nvrtc_target_cuda_says_how_to_install_it(
     bindings = sys.modules.get("cuda.bindings")
     if bindings is not None:
         monkeypatch.delattr(bindings, "nvrtc", raising=False)
-    with pytest.raises(CompileError, match=r"needs NVRTC.*pip install 'cnnc\[cuda\]'"):
+    with pytest.raises(CompileError, match=r"needs NVRTC.*pip install -e '\.\[cuda\]'"):
         nvrtc.compile_source("", "empty.cu", "sm_90", use_cache=False)
 
 

@@ -11,15 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from cnnc import fuzz
+from cnnc.tools.fuzz.configs import CONFIGS
+from cnnc.tools.fuzz.model import CASE_FILE
+from cnnc.tools.fuzz.replay import case_dirs, read_case, replay
 
 REGRESSIONS = Path(__file__).parent / "regressions"
 
 
 def cases() -> list[object]:
     params: list[object] = []
-    for directory in fuzz.case_dirs(REGRESSIONS):
-        record = json.loads((directory / fuzz.CASE_FILE).read_text())
+    for directory in case_dirs(REGRESSIONS):
+        record = json.loads((directory / CASE_FILE).read_text())
         marks = [pytest.mark.xfail(strict=True, reason=record["xfail"])] \
             if "xfail" in record else []
         params.append(pytest.param(directory, id=directory.name, marks=marks))
@@ -28,13 +30,13 @@ def cases() -> list[object]:
 
 @pytest.mark.parametrize("case", cases())
 def test_shrunk_case_matches_the_reference_on_every_configuration(case: Path) -> None:
-    outcome = fuzz.replay(case)
+    outcome = replay(case)
     assert [failure.describe() for failure in outcome.failures] == []
 
 
 def test_every_case_names_its_configurations_and_reproduces_from_files_alone() -> None:
-    for directory in fuzz.case_dirs(REGRESSIONS):
-        model, x, _, configs, record = fuzz.read_case(directory)
+    for directory in case_dirs(REGRESSIONS):
+        model, x, _, configs, record = read_case(directory)
         assert model.exists() and len(x) >= 1
-        assert configs and set(configs) <= set(fuzz.CONFIGS)
+        assert configs and set(configs) <= set(CONFIGS)
         assert "failure" in record  # what it did when it was found

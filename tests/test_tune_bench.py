@@ -11,8 +11,8 @@ from conftest import GOLDEN
 from numpy.testing import assert_allclose
 
 import cnnc
-from cnnc.bench import run_bench
 from cnnc.passes.fuse import groups_of
+from cnnc.tools.bench import run_bench
 from cnnc.tune import candidates, tune
 
 
@@ -85,7 +85,8 @@ def test_the_profile_lists_every_kernel_with_its_share_of_the_time() -> None:
     model = cnnc.compile(GOLDEN / "lenet.yaml", threads=1)
     for batch, layout in ((1, "channel"), (32, "batch")):
         variant = model.variant_for(batch)
-        lines = model.profile(batch, seconds=0.05).splitlines()
+        peak, *lines = model.profile(batch, seconds=0.05).splitlines()
+        assert peak.startswith("peak: ") and " GFLOP/s/core, " in peak
         names = [kernel.name for kernel in variant.lowered.kernels]
         assert [line.split()[0] for line in lines[1:-1]] == names
         shares = [int(line.split()[2].rstrip("%")) for line in lines[1:-1]]

@@ -7,12 +7,19 @@ the same CUDA C with the host C++ compiler and runs it on the CPU, for tests and
 
 from __future__ import annotations
 
-from cnnc.backends.cuda.model import CudaModel
+from cnnc.backends.cuda.model import EXPORT_KINDS, CudaModel
 from cnnc.graph import Graph
 from cnnc.lower import LoweredModel
+from cnnc.model import Model, Variant
 from cnnc.passes import Options, groups_of
 from cnnc.passes.plan_memory import MemoryPlan
-from cnnc.passes.tile import DEFAULT_GPU_ARCH, gpu_arch
+from cnnc.target import DEFAULT_GPU_ARCH, gpu_arch
+
+
+def layouts(layout: str) -> tuple[str, ...]:
+    """One variant, batch-major: a GPU runs every batch size in the same layout (the `layout`
+    option is the CPU's)."""
+    return ("batch",)
 
 
 def resolve_arch(arch: str | None) -> str:
@@ -51,4 +58,11 @@ def compile_cuda(graph: Graph, compiled: Graph, lowered: LoweredModel, memory: M
                      check_bounds=options.check_bounds)
 
 
-__all__ = ["CudaModel", "compile_cuda", "resolve_arch"]
+def build(graph: Graph, variants: list[Variant], options: Options, threads: int | None,
+          use_cache: bool) -> Model:
+    """The model of the one variant `layouts` asked for; `threads` are the CPU's."""
+    only = variants[0]
+    return compile_cuda(graph, only.graph, only.lowered, only.memory, options, use_cache)
+
+
+__all__ = ["EXPORT_KINDS", "CudaModel", "build", "compile_cuda", "layouts", "resolve_arch"]

@@ -19,36 +19,30 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cnnc.kernel import (
-    Assign,
-    Bin,
     Buffer,
-    Call,
     Const,
-    Declare,
+    CStylePrinter,
     Expr,
     For,
-    If,
     Kernel,
     Load,
-    Local,
-    Select,
+    LoopRole,
     Stmt,
-    Store,
     Var,
-    arith,
+    substitute,
+    walk,
 )
 from cnnc.lower import LoweredModel
-from cnnc.passes.tile import GPU_STATIC_SHARED_LIMIT
+from cnnc.target import GPU_STATIC_SHARED_LIMIT
+from cnnc.util import ceil_div
 from cnnc.version import __version__
 
-PARALLEL_ROLES = ("channel", "spatial")
+PARALLEL_ROLES: tuple[LoopRole, ...] = ("channel", "spatial")
 CONSTANT_LIMIT = 60 * 1024  # bytes of __constant__ data per module (the hardware has 64 KiB)
 CONSTANT_MAX_PARAM = 16 * 1024  # bytes: larger parameters stay in global memory
 MAX_MIN_BLOCKS = 16  # resident blocks per SM that every architecture since sm_75 allows
 SERIAL_UNROLL = 4  # how far the CUDA compiler may unroll a loop the schedule keeps serial
 MAPPINGS = ("image_major", "image_minor", "block_per_image")
-
-_PRECEDENCE = {"and": 1, "<": 2, "<=": 2, "+": 3, "-": 3, "*": 4, "/": 4, "//": 4}
 
 PRELUDE = """\
 #define CNNC_INF __int_as_float(0x7f800000)
@@ -140,7 +134,7 @@ class KernelLaunch:
         return bool(self.staged)
 
     def grid(self, batch: int) -> int:
-        return -(-batch * self.items_per_image // self.threads)
+        return ceil_div(batch * self.items_per_image, self.threads)
 
 
 @dataclass
@@ -153,12 +147,6 @@ class CudaProgram:
     parameters: list[Parameter]
     fast_math: bool
     check_bounds: bool = False
-
-
-def c_name(name: str) -> str:
-    """A C identifier from a model name (which is free text)."""
-    cleaned = re.sub(r"\W", "_", name, flags=re.ASCII) or "model"
-    return cleaned if not cleaned[0].isdigit() else f"m_{cleaned}"
 
 
 def comment_text(name: str) -> str:
@@ -217,7 +205,8 @@ def _place_parameters(kernels: list[Kernel]) -> list[Parameter]:
     candidates: list[tuple[int, Kernel, Buffer, bool]] = []
     for kernel in kernels:
         varying = _thread_varying_vars(kernel)
-        nonuniform = _nonuniform_buffers(kernel.body, varying)
+        nonuniform = {load.buffer for load in walk(kernel.body)
+                      if isinstance(load, Load) and _vars_of(load.index) & varying}
         for buffer in kernel.buffers:
             if buffer.role == "param":
                 candidates.append((buffer.size, kernel, buffer, buffer.name not in nonuniform))
@@ -246,55 +235,8 @@ def _thread_varying_vars(kernel: Kernel) -> set[str]:
     return names
 
 
-def _nonuniform_buffers(body: list[Stmt], varying: set[str]) -> set[str]:
-    found: set[str] = set()
-
-    def visit_expr(expr: Expr) -> None:
-        if isinstance(expr, Load):
-            if _vars_of(expr.index) & varying:
-                found.add(expr.buffer)
-            visit_expr(expr.index)
-        elif isinstance(expr, Bin):
-            visit_expr(expr.left)
-            visit_expr(expr.right)
-        elif isinstance(expr, Call):
-            visit_expr(expr.arg)
-        elif isinstance(expr, Select):
-            for part in (expr.cond, expr.then, expr.otherwise):
-                visit_expr(part)
-
-    for stmt in _walk(body):
-        if isinstance(stmt, Store):
-            visit_expr(stmt.index)
-            visit_expr(stmt.value)
-        elif isinstance(stmt, (Declare, Assign)):
-            visit_expr(stmt.init if isinstance(stmt, Declare) else stmt.value)
-        elif isinstance(stmt, If):
-            visit_expr(stmt.cond)
-    return found
-
-
-def _walk(body: list[Stmt]) -> list[Stmt]:
-    stmts: list[Stmt] = []
-    for stmt in body:
-        stmts.append(stmt)
-        if isinstance(stmt, (For, If)):
-            stmts += _walk(stmt.body)
-    return stmts
-
-
 def _vars_of(expr: Expr) -> set[str]:
-    if isinstance(expr, Var):
-        return {expr.name}
-    if isinstance(expr, Bin):
-        return _vars_of(expr.left) | _vars_of(expr.right)
-    if isinstance(expr, Load):
-        return _vars_of(expr.index)
-    if isinstance(expr, Call):
-        return _vars_of(expr.arg)
-    if isinstance(expr, Select):
-        return _vars_of(expr.cond) | _vars_of(expr.then) | _vars_of(expr.otherwise)
-    return set()
+    return {node.name for node in walk(expr) if isinstance(node, Var)}
 
 
 def format_floats(data: np.ndarray, per_line: int = 8) -> list[str]:
@@ -331,21 +273,60 @@ def _parallel_loops(stmt: Stmt) -> tuple[list[For], list[Stmt]]:
     return loops, body
 
 
-def _without_lane(expr: Expr) -> Expr:
-    """`expr` with the lane variable replaced by 0 and the integer arithmetic refolded."""
-    if isinstance(expr, Var):
-        return Const(0) if expr.name == "lane" else expr
-    if isinstance(expr, Bin):
-        left, right = _without_lane(expr.left), _without_lane(expr.right)
-        return arith(expr.op, left, right) if expr.op in "+-*" else Bin(expr.op, left, right)
-    if isinstance(expr, Load):
-        return Load(expr.buffer, _without_lane(expr.index))
-    if isinstance(expr, Call):
-        return Call(expr.fn, _without_lane(expr.arg))
-    if isinstance(expr, Select):
-        return Select(_without_lane(expr.cond), _without_lane(expr.then),
-                      _without_lane(expr.otherwise))
-    return expr
+class CudaPrinter(CStylePrinter):
+    """The C-style printer with CUDA's spelling: 4-space blocks, `int` loops with unroll
+    pragmas, the prelude's names for infinity and NaN, bracketed negative literals,
+    `expf`/`__expf`, NumPy's maximum, and parameters read from their module symbols, every
+    access through CNNC_AT with `check_bounds`."""
+
+    indent = "    "
+    infinity = "CNNC_INF"
+    nan = "CNNC_NAN"
+
+    def __init__(self, kernel: Kernel, symbols: dict[str, str], fast_math: bool,
+                 check_bounds: bool) -> None:
+        self.kernel = kernel
+        self.symbols = symbols
+        self.fast_math = fast_math
+        self.check_bounds = check_bounds
+        # Floats per image of each buffer (one lane: a buffer holds one image).
+        self.sizes = {buffer.name: buffer.size for buffer in kernel.buffers}
+        self.uses_max = False  # whether the module needs MAX_HELPER
+
+    def loop_header(self, loop: For, pad: str) -> list[str]:
+        if loop.extent == 1:
+            return [f"{pad}{{", f"{pad}{self.indent}const int {loop.var} = 0;"]
+        lines = []
+        if loop.kind == "unrolled":
+            lines.append(f"{pad}#pragma unroll")
+        elif loop.extent > SERIAL_UNROLL:
+            # Some unrolling hides latency; full unrolling of a long reduction would hoist
+            # its loads and run out of registers.
+            lines.append(f"{pad}#pragma unroll {SERIAL_UNROLL}")
+        lines.append(f"{pad}for (int {loop.var} = 0; {loop.var} < {loop.extent}; "
+                     f"++{loop.var}) {{")
+        return lines
+
+    def signed(self, literal: str, value: int | float) -> str:
+        return f"({literal})" if value < 0 else literal
+
+    def access(self, buffer: str, index: str, size: int | str | None = None) -> str:
+        """`buffer[index]`, or with `check_bounds` the same access through CNNC_AT, which
+        checks `index` against the buffer's `size` (its floats per image by default)."""
+        name = self.symbols.get(buffer, buffer)
+        if not self.check_bounds:
+            return f"{name}[{index}]"
+        size = self.sizes[buffer] if size is None else size
+        return f'CNNC_AT({name}, {index}, {size}, "{self.kernel.name}", "{buffer}")'
+
+    def call(self, fn: str, arg: str) -> str:
+        if fn != "exp":
+            raise ValueError(f"no CUDA function for {fn}")
+        return f"{'__expf' if self.fast_math else 'expf'}({arg})"
+
+    def maximum(self, left: str, right: str) -> str:
+        self.uses_max = True
+        return f"cnnc_max({left}, {right})"
 
 
 class _KernelEmitter:
@@ -356,16 +337,18 @@ class _KernelEmitter:
                  check_bounds: bool = False) -> None:
         self.kernel = kernel
         self.bindings = bindings
-        self.fast_math = fast_math
         self.check_bounds = check_bounds
-        # Floats per image of each buffer (one lane: a buffer holds one image).
-        self.sizes = {buffer.name: buffer.size for buffer in kernel.buffers}
         self.symbols = {buffer.name: spaces[(kernel.name, buffer.name)].symbol
                         for buffer in kernel.buffers if buffer.role == "param"}
         self.spaces = {buffer.name: spaces[(kernel.name, buffer.name)].space
                        for buffer in kernel.buffers if buffer.role == "param"}
         self.nests = [_parallel_loops(stmt) for stmt in kernel.body]
-        self.uses_max = False
+        self.printer = CudaPrinter(kernel, self.symbols, fast_math, check_bounds)
+        self.access = self.printer.access
+
+    @property
+    def uses_max(self) -> bool:
+        return self.printer.uses_max
 
     def parameter_lines(self) -> list[str]:
         lines = []
@@ -403,7 +386,7 @@ class _KernelEmitter:
                     staged.append(argument.name)
                     shared += argument.floats * 4
         # Enough resident blocks for 1024 threads per SM: at most 64 registers a thread.
-        min_blocks = min(MAX_MIN_BLOCKS, -(-1024 // threads))
+        min_blocks = min(MAX_MIN_BLOCKS, ceil_div(1024, threads))
         return KernelLaunch(kernel.name, list(kernel.layers), threads, points, mapping,
                             arguments, staged, shared, min_blocks)
 
@@ -465,7 +448,9 @@ class _KernelEmitter:
             body.append("__syncthreads();")
         for loops, inner in self.nests:
             count = math.prod(loop.extent for loop in loops)
-            nest = self._decode(loops) + self.block(inner, 1)
+            # One lane: the lane variable is 0 (its loop is gone or runs once).
+            inner = [substitute(stmt, {"lane": Const(0)}) for stmt in inner]
+            nest = self._decode(loops) + self.printer.block(inner, 1)
             if launch.mapping == "block_per_image":
                 body.append(f"for (int point = threadIdx.x; point < {count}; "
                             "point += blockDim.x) {")
@@ -480,15 +465,6 @@ class _KernelEmitter:
         lines += ["    " + line if line else line for line in body]
         lines += ["}", ""]
         return launch, lines
-
-    def access(self, buffer: str, index: str, size: int | str | None = None) -> str:
-        """`buffer[index]`, or with `check_bounds` the same access through CNNC_AT, which
-        checks `index` against the buffer's `size` (its floats per image by default)."""
-        name = self.symbols.get(buffer, buffer)
-        if not self.check_bounds:
-            return f"{name}[{index}]"
-        size = self.sizes[buffer] if size is None else size
-        return f'CNNC_AT({name}, {index}, {size}, "{self.kernel.name}", "{buffer}")'
 
     def _decode(self, loops: list[For]) -> list[str]:
         """The loop variables of a point: the innermost loop varies fastest."""
@@ -506,106 +482,12 @@ class _KernelEmitter:
             stride *= loop.extent
         return lines
 
-    # --- statements and expressions ----------------------------------------------------------
-
-    def block(self, body: list[Stmt], depth: int) -> list[str]:
-        pad = "    " * depth
-        lines: list[str] = []
-        for stmt in body:
-            if isinstance(stmt, For):
-                if stmt.extent == 1:
-                    lines.append(f"{pad}{{")
-                    lines.append(f"{pad}    const int {stmt.var} = 0;")
-                else:
-                    if stmt.kind == "unrolled":
-                        lines.append(f"{pad}#pragma unroll")
-                    elif stmt.extent > SERIAL_UNROLL:
-                        # Some unrolling hides latency; full unrolling of a long reduction
-                        # would hoist its loads and run out of registers.
-                        lines.append(f"{pad}#pragma unroll {SERIAL_UNROLL}")
-                    lines.append(f"{pad}for (int {stmt.var} = 0; {stmt.var} < {stmt.extent}; "
-                                 f"++{stmt.var}) {{")
-                lines += self.block(stmt.body, depth + 1)
-                lines.append(f"{pad}}}")
-            elif isinstance(stmt, Store):
-                lines.append(f"{pad}{self.access(stmt.buffer, self.expr(stmt.index))} = "
-                             f"{self.expr(stmt.value)};")
-            elif isinstance(stmt, Declare):
-                lines.append(f"{pad}float {stmt.local} = {self.expr(stmt.init)};")
-            elif isinstance(stmt, Assign):
-                lines.append(f"{pad}{stmt.local} = {self.expr(stmt.value)};")
-            elif isinstance(stmt, If):
-                lines.append(f"{pad}if ({self.expr(stmt.cond)}) {{")
-                lines += self.block(stmt.body, depth + 1)
-                lines.append(f"{pad}}}")
-            else:
-                raise TypeError(f"not a statement: {stmt!r}")
-        return lines
-
-    def expr(self, expr: Expr, parent: int = 0) -> str:
-        return self._print(_without_lane(expr), parent)
-
-    def _print(self, expr: Expr, parent: int = 0) -> str:
-        if isinstance(expr, Const):
-            if isinstance(expr.value, float):
-                if np.isnan(expr.value):
-                    return "CNNC_NAN"
-                if np.isinf(expr.value):
-                    return "CNNC_INF" if expr.value > 0 else "(-CNNC_INF)"
-                text = repr(expr.value)
-                text = text + "f" if ("." in text or "e" in text) else text + ".0f"
-                return f"({text})" if expr.value < 0 else text
-            return f"({expr.value})" if expr.value < 0 else str(expr.value)
-        if isinstance(expr, (Var, Local)):
-            return expr.name
-        if isinstance(expr, Load):
-            return self.access(expr.buffer, self._print(expr.index))
-        if isinstance(expr, Call):
-            if expr.fn != "exp":
-                raise ValueError(f"no CUDA function for {expr.fn}")
-            return f"{'__expf' if self.fast_math else 'expf'}({self._print(expr.arg)})"
-        if isinstance(expr, Select):
-            return (f"({self._print(expr.cond)} ? {self._print(expr.then)} : "
-                    f"{self._print(expr.otherwise)})")
-        if isinstance(expr, Bin):
-            if expr.op == "max":
-                self.uses_max = True
-                return f"cnnc_max({self._print(expr.left)}, {self._print(expr.right)})"
-            level = _PRECEDENCE[expr.op]
-            op = {"and": "&&", "//": "/"}.get(expr.op, expr.op)
-            text = f"{self._print(expr.left, level)} {op} {self._print(expr.right, level + 1)}"
-            return f"({text})" if level < parent else text
-        raise TypeError(f"not an expression: {expr!r}")
-
 
 def _reused_buffers(body: list[Stmt]) -> set[str]:
     """Buffers loaded inside a reduction or window loop: neighbouring points read them again."""
-    found: set[str] = set()
-
-    def loads(expr: Expr) -> set[str]:
-        if isinstance(expr, Load):
-            return {expr.buffer} | loads(expr.index)
-        if isinstance(expr, Bin):
-            return loads(expr.left) | loads(expr.right)
-        if isinstance(expr, Call):
-            return loads(expr.arg)
-        if isinstance(expr, Select):
-            return loads(expr.cond) | loads(expr.then) | loads(expr.otherwise)
-        return set()
-
-    def visit(stmts: list[Stmt], inside: bool) -> None:
-        for stmt in stmts:
-            if isinstance(stmt, For):
-                visit(stmt.body, inside or stmt.role in ("reduce", "window"))
-            elif isinstance(stmt, If):
-                visit(stmt.body, inside)
-            elif inside:
-                if isinstance(stmt, Store):
-                    found.update(loads(stmt.value) | loads(stmt.index))
-                elif isinstance(stmt, Declare):
-                    found.update(loads(stmt.init))
-                elif isinstance(stmt, Assign):
-                    found.update(loads(stmt.value))
-
-    visit(body, False)
-    return found
+    loops = [loop for loop in walk(body, expressions=False)
+             if isinstance(loop, For) and loop.role in ("reduce", "window")]
+    # Only the outermost of nested reductions need a look: it holds the others' loads.
+    nested = {id(inner) for loop in loops for inner in walk(loop.body, expressions=False)}
+    return {load.buffer for loop in loops if id(loop) not in nested
+            for load in walk(loop.body) if isinstance(load, Load)}

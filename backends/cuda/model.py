@@ -19,6 +19,7 @@ import ctypes
 import json
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,14 +36,16 @@ from cnnc.backends.cuda.driver_api import (
     device_missing,
     pack_params,
 )
-from cnnc.errors import DeviceError, InputError
+from cnnc.errors import CnncError, DeviceError, InputError
 from cnnc.graph import Graph
 from cnnc.lower import LoweredModel
+from cnnc.model import c_name, check_emit
 from cnnc.passes.plan_memory import MemoryPlan
 from cnnc.reference import check_input, output_bytes
 from cnnc.version import __version__
 
 SOURCE_KINDS = ("cuda", "kernel", "ptx")
+EXPORT_KINDS = ("cu", "ptx", "cubin", "json")  # `export` writes all of them by default
 KEPT_BATCH_SIZES = 4  # arenas kept allocated, most recently used first
 GRAPH_MAX_BATCH = 256  # larger batches gain nothing from a graph but pin more host memory
 
@@ -94,7 +97,7 @@ class CudaModel:
         self.kernels = kernels
         self.output_shapes = [graph.shape(name) for name in graph.outputs]
         self.check_bounds = check_bounds
-        self.program = codegen.generate(lowered, codegen.c_name(graph.name), arch, fast_math,
+        self.program = codegen.generate(lowered, c_name(graph.name), arch, fast_math,
                                         check_bounds)
         self.file_name = f"{self.program.name}.cu"
         bindings = lowered.bindings
@@ -112,6 +115,13 @@ class CudaModel:
         self.last_launch: str | None = None  # "graph" or "kernels": how the latest call ran
         if target == "cuda-sim":
             self._runner = self._simulator()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """A pickle carries the model's graph, weights hash, options and schedule, never PTX,
+        cubins or device pointers; unpickling rebuilds it once per process (`cnnc.pickling`)."""
+        from cnnc import pickling
+
+        return pickling.reduce(self)
 
     # --- compiling ---------------------------------------------------------------------------
 
@@ -326,6 +336,12 @@ class CudaModel:
             raise InputError("batch must be >= 0")
         return self.memory.floats * 4 * batch
 
+    def profile(self, batch: int, seconds: float = 0.2) -> str:
+        """Not measured per kernel on a GPU yet: raises, naming what there is instead."""
+        raise CnncError(f"model '{self.name}': profile times the kernels of target 'llvm' "
+                        f"only; for target {self.target} time_kernels (target 'cuda') times "
+                        "the whole forward pass")
+
     # --- reading and writing the generated code ----------------------------------------------
 
     def source(self, kind: str = "cuda") -> str:
@@ -340,19 +356,26 @@ class CudaModel:
             return self.binary().ptx
         raise ValueError(f"unknown source kind {kind!r}; kinds: {', '.join(SOURCE_KINDS)}")
 
-    def export(self, directory: str | Path) -> list[Path]:
-        """Write NAME.cu, NAME.ptx, NAME.cubin and NAME.json (how to launch the kernels, the
-        arena and its tensors, the parameters) for a host program without Python."""
-        binary = self.binary()
+    def export(self, directory: str | Path, emit: Sequence[str] | None = None) -> list[Path]:
+        """Write the files of `emit` (None: all of EXPORT_KINDS) for a host program without
+        Python: NAME.cu, NAME.ptx, NAME.cubin and NAME.json (how to launch the kernels, the
+        arena and its tensors, the parameters). Only "cu" alone needs no NVRTC."""
+        kinds = EXPORT_KINDS if emit is None else tuple(emit)
+        check_emit(kinds, EXPORT_KINDS)
+        contents: dict[str, str | bytes] = {"cu": self.program.source}
+        if set(kinds) - {"cu"}:
+            binary = self.binary()  # before the description, which lists its resources
+            contents.update(ptx=binary.ptx, cubin=binary.cubin,
+                            json=json.dumps(self.description(), indent=2) + "\n")
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        stem = self.program.name
-        paths = [out / f"{stem}.cu", out / f"{stem}.ptx", out / f"{stem}.cubin",
-                 out / f"{stem}.json"]
-        paths[0].write_text(self.program.source)
-        paths[1].write_text(binary.ptx)
-        paths[2].write_bytes(binary.cubin)
-        paths[3].write_text(json.dumps(self.description(), indent=2) + "\n")
+        paths = [out / f"{self.program.name}.{kind}" for kind in EXPORT_KINDS if kind in kinds]
+        for path in paths:
+            content = contents[path.suffix[1:]]
+            if isinstance(content, bytes):
+                path.write_bytes(content)
+            else:
+                path.write_text(content)
         return paths
 
     def description(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from cnnc import cache as compile_cache
 from cnnc.errors import CompileError
 from cnnc.version import __version__
 
-INSTALL_HINT = "install them with `pip install 'cnnc[cuda]'` (cuda-bindings and nvidia-cuda-nvrtc)"
+INSTALL_HINT = "install them with `pip install -e '.[cuda]'` (cuda-bindings and nvidia-cuda-nvrtc)"
 
 
 @dataclass

@@ -41,7 +41,14 @@ class SimKernel:
 
 def compiler() -> str:
     """The host C++ compiler: `$CXX`, else g++, else c++."""
-    found = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    chosen = os.environ.get("CXX")
+    if chosen:
+        found = shutil.which(chosen)
+        if found is None:
+            raise CompileError(f"target 'cuda-sim': CXX is '{chosen}', which is not an "
+                               "executable C++ compiler; fix CXX or unset it to use g++")
+        return found
+    found = shutil.which("g++") or shutil.which("c++")
     if not found:
         raise CompileError("target 'cuda-sim' needs a host C++ compiler: install g++ or set CXX")
     return found

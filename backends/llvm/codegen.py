@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from llvmlite import ir
 
+from cnnc.backends.llvm import abi
 from cnnc.kernel import (
     Assign,
     Bin,
@@ -31,6 +32,7 @@ from cnnc.kernel import (
     Stmt,
     Store,
     Var,
+    walk,
 )
 
 F32 = ir.FloatType()
@@ -44,65 +46,46 @@ LANE = "lane"
 # How a launch computes one argument's pointer from the entry point's arguments.
 PointerOf = Callable[[ir.IRBuilder, dict[str, ir.Value]], ir.Value]
 
-# Signature of cnnc_run_blocks: input, output, batch, first block, end block, arena.
-RUN_BLOCKS_ARGS = (F32_PTR, F32_PTR, I64, I64, I64, F32_PTR)
+# The runner's arguments (abi.RUNNER): input, output, batch, first block, end block, arena.
+RUN_BLOCKS_ARGS = abi.RUNNER.ir_arguments(F32_PTR)
 PARAMS_GLOBAL = "cnnc.params"  # float *: where JIT-compiled kernels find their parameters
 BOUNDS_GLOBAL = "cnnc.out_of_bounds"  # i32: 1 + the kernel that went out of bounds, or 0
 
 
 def lane_coefficient(expr: Expr) -> int | None:
     """How an integer expression changes per lane: c in `base + c * lane`, None if not affine."""
-    if not uses_lane(expr):
-        return 0
     if isinstance(expr, Var):
         return 1 if expr.name == LANE else 0
     if isinstance(expr, Const):
         return 0
-    if isinstance(expr, Bin) and expr.op in ("+", "-", "*"):
-        left, right = lane_coefficient(expr.left), lane_coefficient(expr.right)
-        if left is None or right is None:
-            return None
-        if expr.op == "+":
-            return left + right
-        if expr.op == "-":
-            return left - right
-        if left == 0 and right == 0:
-            return 0
+    if not isinstance(expr, Bin):  # a load, call or select: affine only if lane-free
+        return None if uses_lane(expr) else 0
+    left, right = lane_coefficient(expr.left), lane_coefficient(expr.right)
+    if left is None or right is None:
+        return None
+    if expr.op == "+":
+        return left + right
+    if expr.op == "-":
+        return left - right
+    if left == 0 and right == 0:
+        return 0
+    if expr.op == "*":
         constant = expr.right if left else expr.left
         if (left == 0 or right == 0) and isinstance(constant, Const):
             return (left or right) * int(constant.value)
-        return None
-    if isinstance(expr, Bin):
-        left, right = lane_coefficient(expr.left), lane_coefficient(expr.right)
-        return 0 if left == 0 and right == 0 else None
     return None
 
 
 def uses_lane(expr: Expr) -> bool:
-    if isinstance(expr, Var):
-        return expr.name == LANE
-    if isinstance(expr, (Bin,)):
-        return uses_lane(expr.left) or uses_lane(expr.right)
-    if isinstance(expr, Select):
-        return uses_lane(expr.cond) or uses_lane(expr.then) or uses_lane(expr.otherwise)
-    if isinstance(expr, (Load,)):
-        return uses_lane(expr.index)
-    if isinstance(expr, Call):
-        return uses_lane(expr.arg)
-    return False
+    return any(isinstance(node, Var) and node.name == LANE for node in walk(expr))
 
 
 def can_vectorize(body: list[Stmt]) -> bool:
     """Lanes may run as one vector when every branch is the same for all lanes and every
     store writes consecutive lanes to consecutive addresses."""
-    for stmt in body:
-        if isinstance(stmt, If) and (uses_lane(stmt.cond) or not can_vectorize(stmt.body)):
-            return False
-        if isinstance(stmt, For) and not can_vectorize(stmt.body):
-            return False
-        if isinstance(stmt, Store) and lane_coefficient(stmt.index) != 1:
-            return False
-    return True
+    return not any(isinstance(node, If) and uses_lane(node.cond)
+                   or isinstance(node, Store) and lane_coefficient(node.index) != 1
+                   for node in walk(body, expressions=False))
 
 
 class ModuleBuilder:
@@ -577,8 +560,6 @@ class _FunctionEmitter:
         left, right = self.pair(expr)
         if expr.op == "and":
             return builder.and_(left, right)
-        if expr.op == "or":
-            return builder.or_(left, right)
         if _is_float(left.type):
             if expr.op == "max":
                 return builder.call(self.owner.intrinsic("llvm.maximum", left.type, 2),

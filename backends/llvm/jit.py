@@ -17,15 +17,17 @@ import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 
-from cnnc.backends.llvm import codegen
+from cnnc.backends.llvm import abi, codegen
 from cnnc.backends.llvm.codegen import ModuleBuilder, PointerOf
 from cnnc.kernel import Kernel
 from cnnc.lower import USER_INPUT, USER_OUTPUT, LoweredModel
+from cnnc.util import ceil_div
 
 _LOCK = threading.Lock()
-# The code generator's own source is part of every cache key: a changed backend never
-# loads code that an older one generated.
-_BACKEND_SOURCE = Path(codegen.__file__).read_text() + Path(__file__).read_text()
+# The code generator's own source (and the ABI it builds to) is part of every cache key: a
+# changed backend never loads code that an older one generated.
+_BACKEND_SOURCE = "".join(Path(module.__file__ or "").read_text()
+                          for module in (codegen, abi)) + Path(__file__).read_text()
 _READY = False
 
 
@@ -87,7 +89,7 @@ def pack_params(variants: list[Variant]) -> tuple[np.ndarray, dict[str, int]]:
             for buffer in kernel.buffers:
                 if buffer.role == "param" and buffer.data is not None:
                     offsets[f"{symbol_of(variant, kernel, variants)}.{buffer.name}"] = size
-                    padded = -(-buffer.data.size // 16) * 16
+                    padded = ceil_div(buffer.data.size, 16) * 16
                     chunk = np.zeros(padded, np.float32)
                     chunk[: buffer.data.size] = buffer.data
                     chunks.append(chunk)

@@ -27,7 +27,6 @@ The control block is an int64 array, each field on a cache line of its own:
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 import time
@@ -36,7 +35,7 @@ import weakref
 import numpy as np
 from llvmlite import ir
 
-from cnnc.backends.llvm import jit
+from cnnc.backends.llvm import abi, jit
 
 LINE = 8  # int64s per 64-byte cache line
 SEQ, JOB, NEXT, DONE, STATUS = (field * LINE for field in range(5))
@@ -50,8 +49,7 @@ SPIN_SECONDS = 0.002
 I64 = ir.IntType(64)
 I32 = ir.IntType(32)
 I8_PTR = ir.IntType(8).as_pointer()
-# The runner of a variant: x, y, batch, first block, end block, arena -> status.
-RUNNER = ir.FunctionType(I32, (I8_PTR, I8_PTR, I64, I64, I64, I8_PTR))
+RUNNER = abi.RUNNER.ir_type(I8_PTR)  # a variant's runner, called through its address
 
 
 def build_module() -> ir.Module:
@@ -121,7 +119,7 @@ def build_module() -> ir.Module:
         return builder.load(builder.inttoptr(slot, i64_ptr))
 
     # --- cnnc_call: the runner on the calling thread ---------------------------------------------
-    single = ir.Function(module, ir.FunctionType(I32, (I64,) * 7), "cnnc_call")
+    single = ir.Function(module, abi.CALL.ir_type(I8_PTR), "cnnc_call")
     runner_address, x_slot, y_slot, batch, first, end, arena = single.args
     builder = ir.IRBuilder(single.append_basic_block("entry"))
     builder.ret(builder.call(builder.inttoptr(runner_address, RUNNER.as_pointer()), [
@@ -130,8 +128,7 @@ def build_module() -> ir.Module:
         builder.inttoptr(arena, I8_PTR)]))
 
     # --- cnnc_pool_call: the calling thread posts a job, takes part, waits ---------------------
-    call = ir.Function(module, ir.FunctionType(I32, (i64_ptr, I64, I64, I64, I64, I64, I64)),
-                       "cnnc_pool_call")
+    call = ir.Function(module, abi.POOL_CALL.ir_type(i64_ptr), "cnnc_pool_call")
     control, *job = call.args
     builder = ir.IRBuilder(call.append_basic_block("entry"))
     job[1], job[2] = data(builder, job[1]), data(builder, job[2])
@@ -157,8 +154,7 @@ def build_module() -> ir.Module:
     builder.ret(builder.trunc(load(builder, control, STATUS, "monotonic"), I32))
 
     # --- cnnc_pool_worker: a worker thread's life in native code -------------------------------
-    worker = ir.Function(module, ir.FunctionType(I64, (i64_ptr, I64, I64, I64)),
-                         "cnnc_pool_worker")
+    worker = ir.Function(module, abi.POOL_WORKER.ir_type(i64_ptr), "cnnc_pool_worker")
     control, participant, last, limit = worker.args
     entry = worker.append_basic_block("entry")
     loop = worker.append_basic_block("loop")
@@ -191,16 +187,10 @@ def build_module() -> ir.Module:
     since.add_incoming(since, builder.block)
     builder.branch(loop)
 
-    ticks = ir.Function(module, ir.FunctionType(I64, ()), "cnnc_pool_ticks")
+    ticks = ir.Function(module, abi.POOL_TICKS.ir_type(i64_ptr), "cnnc_pool_ticks")
     builder = ir.IRBuilder(ticks.append_basic_block("entry"))
     builder.ret(builder.call(cycles, []))
     return module
-
-
-_CALL = ctypes.CFUNCTYPE(ctypes.c_int32, *[ctypes.c_int64] * 7)
-_POOL_CALL = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, *[ctypes.c_int64] * 6)
-_WORKER = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                           ctypes.c_int64)
 
 
 class _Native:
@@ -208,10 +198,10 @@ class _Native:
 
     def __init__(self) -> None:
         self.library = jit.JitLibrary(jit.emit_object(jit.optimise(str(build_module()))))
-        self.call = _CALL(self.library.address("cnnc_call"))
-        self.pool_call = _POOL_CALL(self.library.address("cnnc_pool_call"))
-        self.worker = _WORKER(self.library.address("cnnc_pool_worker"))
-        ticks = ctypes.CFUNCTYPE(ctypes.c_int64)(self.library.address("cnnc_pool_ticks"))
+        self.call = abi.CALL.function(self.library.address("cnnc_call"))
+        self.pool_call = abi.POOL_CALL.function(self.library.address("cnnc_pool_call"))
+        self.worker = abi.POOL_WORKER.function(self.library.address("cnnc_pool_worker"))
+        ticks = abi.POOL_TICKS.function(self.library.address("cnnc_pool_ticks"))
         clock, start = time.perf_counter(), ticks()
         time.sleep(0.002)
         per_second = (ticks() - start) / (time.perf_counter() - clock)

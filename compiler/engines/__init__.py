@@ -20,7 +20,30 @@ class EngineUnavailable(Exception):
     """The engine's package is not installed, or it cannot express this graph."""
 
 
+# The engines a user can name, in the order they are listed to one: what each is.
+ENGINES: dict[str, str] = {
+    "reference": "cnnc's NumPy reference (float64 accumulation)",
+    "onnxruntime": "ONNX Runtime on an ONNX graph built from the op graph",
+    "openvino": "OpenVINO (CPU, f32) on the same ONNX graph",
+    "torch": "PyTorch eager (torch.nn.functional)",
+    "numpy": "NumPy im2col + BLAS",
+}
+
+
+class UnknownEngine(ValueError):
+    """A name that is not in ENGINES."""
+
+
+def check_engine_names(names: list[str]) -> None:
+    """Raise UnknownEngine for the first name that is not an engine's."""
+    for name in names:
+        if name not in ENGINES:
+            raise UnknownEngine(f"unknown engine '{name}'; expected one of "
+                                f"{', '.join(ENGINES)}")
+
+
 def make_engine(name: str, graph: Graph, threads: int) -> Engine:
+    check_engine_names([name])
     if name == "numpy":
         from cnnc.engines import numpy_im2col
 
@@ -33,11 +56,10 @@ def make_engine(name: str, graph: Graph, threads: int) -> Engine:
         from cnnc.engines import onnx_engine
 
         return onnx_engine.make(graph, threads)
-    if name == "reference":
-        from cnnc.reference import reference
+    if name == "openvino":
+        from cnnc.engines import openvino_engine
 
-        return lambda x: reference(graph, x)
-    raise ValueError(f"unknown engine {name!r}; engines: {', '.join(ENGINES)}")
+        return openvino_engine.make(graph, threads)
+    from cnnc.reference import reference
 
-
-ENGINES = ("reference", "numpy", "onnxruntime", "torch")
+    return lambda x: reference(graph, x)

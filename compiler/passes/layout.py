@@ -18,6 +18,7 @@ from cnnc.graph import Graph
 from cnnc.kernel import Expr, Var
 from cnnc.ops import Shape
 from cnnc.passes.options import Options
+from cnnc.util import ceil_div
 
 LANE = Var("lane")
 HALF_VECTOR = 8
@@ -45,7 +46,7 @@ class Layout:
         if self.kind != "channel":
             return count
         width = self.vector(count)
-        return -(-count // width) * width
+        return ceil_div(count, width) * width
 
     def floats(self, shape: Shape) -> int:
         """Floats per block of a tensor of per-image `shape`."""

@@ -13,6 +13,7 @@ from cnnc.graph import INPUT, Graph
 from cnnc.passes.fuse import groups_of, tensor_of
 from cnnc.passes.layout import layout_of
 from cnnc.passes.options import Options
+from cnnc.util import ceil_div
 
 ALIGN = 16  # floats: 64 bytes, one cache line and one AVX-512 vector
 
@@ -78,4 +79,4 @@ def memory_of(graph: Graph, options: Options) -> MemoryPlan:
 
 
 def _aligned(floats: int) -> int:
-    return -(-floats // ALIGN) * ALIGN
+    return ceil_div(floats, ALIGN) * ALIGN

@@ -1,18 +1,16 @@
 """Pick each kernel's schedule: a deterministic heuristic over the shapes and the target.
 
-The schedule says how wide the lane loop is, how many output channels share each input load
-(a register tile), which reduction loops are unrolled and how many GPU threads a block has.
-For the CUDA targets it also says how images and points map onto threads and whether a block
-stages its inputs in shared memory, from the shapes and the GPU architecture (`GPU_ARCHS`).
-A schedule given by the user (`--schedule FILE`) replaces fields of the one picked here.
+The schedule says how many output channels and points share each load (a register tile),
+which reduction loops are unrolled and, for the CUDA targets, how images and points map onto
+threads and whether a block stages its inputs in shared memory (from the GPU architecture in
+`cnnc.target`). A user's schedule file replaces fields of the one picked here, each checked
+against the kernel it is for.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import re
-from dataclasses import dataclass
 
 from cnnc import ops
 from cnnc.graph import Graph
@@ -20,57 +18,33 @@ from cnnc.kernel import Schedule
 from cnnc.passes.fuse import Group, groups_of, tensor_of
 from cnnc.passes.layout import layout_of
 from cnnc.passes.options import Options
+from cnnc.schedule_file import (
+    EVERY_KERNEL,
+    KernelFacts,
+    as_schedules,
+    check_fits,
+    check_names,
+)
+from cnnc.target import DEFAULT_GPU_ARCH, GpuArch, gpu_arch
+from cnnc.util import ceil_div
 
 MAX_ACCUMULATORS = 8  # of 32 vector registers, leave room for inputs and addresses
 MAX_TILE = 14  # accumulators of a channels x points register tile
 
 GPU_TARGETS = ("cuda", "cuda-sim")
-DEFAULT_GPU_ARCH = "sm_90"
 GPU_MAX_OUTPUTS_PER_THREAD = 8  # accumulators per thread: registers stay well under 64
 GPU_DENSE_OUTPUTS_PER_THREAD = 4  # a dense thread also keeps its input row's address live
 GPU_UNROLL_MAX = 8  # reduction loops up to this long are fully unrolled on the GPU
 GPU_MIN_POINTS = 64  # threads wanted per image, so that a small batch still fills warps
 GPU_MAX_BLOCK = 256
-GPU_BLOCKS_PER_SM = 8  # blocks a staged kernel should fit on one SM, for latency hiding
-GPU_STATIC_SHARED_LIMIT = 48 * 1024  # bytes of static __shared__ memory a block may declare
-
-
-@dataclass(frozen=True)
-class GpuArch:
-    """What the GPU heuristic needs to know about an architecture."""
-
-    threads_per_sm: int
-    shared_per_sm: int  # bytes of shared memory the blocks on one SM can share
-
-    def shared_budget(self) -> int:
-        """Bytes one staged block may use so that GPU_BLOCKS_PER_SM of them fit on an SM."""
-        return min(GPU_STATIC_SHARED_LIMIT, self.shared_per_sm // GPU_BLOCKS_PER_SM)
-
-
-# By compute capability; an architecture not listed takes the nearest older one.
-GPU_ARCHS = {
-    75: GpuArch(1024, 64 * 1024),  # Turing (T4)
-    80: GpuArch(2048, 164 * 1024),  # A100
-    86: GpuArch(1536, 100 * 1024),  # Ampere consumer, A10
-    89: GpuArch(1536, 100 * 1024),  # Ada (L4, L40)
-    90: GpuArch(2048, 228 * 1024),  # Hopper (H100, H200)
-    100: GpuArch(2048, 228 * 1024),  # Blackwell (B200)
-    120: GpuArch(1536, 100 * 1024),  # Blackwell consumer
-}
-
-
-def gpu_arch(name: str) -> GpuArch:
-    """The properties of `name` ("sm_90", "sm_90a"); ValueError when it is not sm_XX."""
-    match = re.fullmatch(r"sm_(\d+)[af]?", name)
-    if match is None:
-        raise ValueError(f"unknown CUDA architecture {name!r}; expected sm_XX, e.g. sm_90")
-    capability = int(match.group(1))
-    known = [key for key in GPU_ARCHS if key <= capability] or [min(GPU_ARCHS)]
-    return GPU_ARCHS[max(known)]
 
 
 def tile(graph: Graph, options: Options) -> Graph:
     layout = layout_of(graph)
+    schedules = as_schedules(options.schedules)
+    for every in schedules.lines_for(EVERY_KERNEL):
+        check_fits(every, None)
+    kernels, signatures = [], set()
     for group in groups_of(graph):
         producer = group.producer
         channels = 1
@@ -81,7 +55,6 @@ def tile(graph: Graph, options: Options) -> Graph:
                 channels = layout.channels(out) // layout.vector(out)
         oc_block = _largest_divisor(channels, MAX_ACCUMULATORS)
         picked = group.schedule.replace(
-            lanes=layout.lanes,
             oc_block=oc_block,
             x_block=_x_block(graph, group.output, oc_block, layout.kind),
             unroll_max=0,  # measured: LLVM schedules the rolled loops better, and sooner
@@ -90,12 +63,30 @@ def tile(graph: Graph, options: Options) -> Graph:
         if options.target in GPU_TARGETS:
             picked = _gpu_schedule(graph, group, picked, channels,
                                    gpu_arch(options.arch or DEFAULT_GPU_ARCH))
+        facts = kernel_facts(graph, group)
+        kernels.append(facts)
         # Overrides: for every kernel ("*"), by name, then a tuned record for exactly this
         # kernel (its signature), the most specific last.
-        overrides = {**options.schedules.get("*", {}), **options.schedules.get(group.name, {}),
-                     **options.schedules.get(signature(graph, group, layout.kind), {})}
+        tuned = signature(graph, group, layout.kind)
+        signatures.add(tuned)
+        overrides = dict(schedules.get(EVERY_KERNEL, {}))
+        for key in (group.name, tuned):
+            for line in schedules.lines_for(key):
+                check_fits(line, facts)
+            overrides.update(schedules.get(key, {}))
         group.schedule = picked.replace(**overrides)
+    check_names(schedules, kernels, signatures, layout.kind, graph.name)
     return graph
+
+
+def kernel_facts(graph: Graph, group: Group) -> KernelFacts:
+    """What a schedule file's values for `group` must fit: the output channels of its
+    convolution or dense layer (the most `oc_block` can take), the width of its output rows
+    (the most `x_block` can take)."""
+    producer = group.producer
+    channels = graph.shape(producer)[0] if graph.op(producer) in ("conv2d", "dense") else None
+    shape = graph.shape(group.output)
+    return KernelFacts(group.name, channels, shape[-1] if len(shape) == 3 else None)
 
 
 def signature(graph: Graph, group: Group, layout: str) -> str:
@@ -150,8 +141,8 @@ def _gpu_schedule(graph: Graph, group: Group, picked: Schedule, channels: int,
     points = out_shape[0] // block * spatial
     staged = _reused_input_floats(graph, group)
     if staged and staged * 4 <= arch.shared_budget() and points >= 32:
-        passes = -(-points // GPU_MAX_BLOCK)
-        threads = -(-points // passes // 32) * 32
+        passes = ceil_div(points, GPU_MAX_BLOCK)
+        threads = ceil_div(ceil_div(points, passes), 32) * 32
         return picked.replace(oc_block=block, gpu_batch_inner=False, gpu_shared_tiles=True,
                               gpu_threads=threads)
     threads = 256 if arch.threads_per_sm % 256 == 0 and points >= 1024 else 128

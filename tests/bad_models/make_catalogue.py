@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -373,16 +374,97 @@ ENTRIES = [
 ]
 
 
-def main() -> None:
-    for path in HERE.iterdir():
-        if path.name in ("make_catalogue.py", "__pycache__"):
-            continue
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    manifest = {}
-    for entry in ENTRIES:
+def onnx_model(nodes: list[object] | None = None, inputs: list[object] | None = None,
+               initializers: list[object] | None = None, opset: int = 17) -> bytes:
+    """A small ONNX model: by default input 'x' [N, 1, 6, 6] through a Relu."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 6, 6])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "C", "H", "W"])
+    graph = helper.make_graph(nodes or [helper.make_node("Relu", ["x"], ["y"], "relu")],
+                              "bad", inputs or [x], [y], initializers or [])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              ir_version=8)
+    return bytes(model.SerializeToString())
+
+
+def onnx_entries() -> list[Entry]:
+    """The malformed ONNX models (they need the onnx package to be written)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def tensor(name: str, shape: tuple[int, ...], dtype: type = np.float32) -> object:
+        return numpy_helper.from_array(np.ones(shape, dtype), name)
+
+    def value(name: str, dims: list[object], kind: int = TensorProto.FLOAT) -> object:
+        return helper.make_tensor_value_info(name, kind, dims)
+
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], "conv", kernel_shape=[3, 3])
+    good = onnx_model([conv], initializers=[tensor("w", (2, 1, 3, 3))])
+    external = tensor("w", (2, 1, 3, 3))
+    onnx.external_data_helper.set_external_data(external, "missing.bin")
+    external.ClearField("raw_data")
+    short = tensor("w", (2, 1, 3, 3))
+    onnx.external_data_helper.set_external_data(short, "short.bin")
+    short.ClearField("raw_data")
+    wrong_size = tensor("w", (2, 1, 3, 3))
+    wrong_size.raw_data = wrong_size.raw_data[:20]
+    cycle = [helper.make_node("Relu", ["x", "b"], ["a"], "first"),
+             helper.make_node("Relu", ["a"], ["b"], "second"),
+             helper.make_node("Relu", ["b"], ["y"], "last")]
+    corrupted = bytearray(good)
+    corrupted[10:30] = b"\xff" * 20
+    transpose = helper.make_node("ConvTranspose", ["x", "w"], ["y"], "Conv_12")
+    return [
+        Entry("onnx_empty.onnx", b"", "the file is empty; expected an ONNX model", None),
+        Entry("onnx_truncated.onnx", good[:len(good) // 2], "not a readable ONNX model", None),
+        Entry("onnx_corrupted.onnx", bytes(corrupted), "not a readable ONNX model", None),
+        Entry("onnx_text.onnx", b"input: [1, 8, 8]\nlayers: [relu]\n",
+              "not a readable ONNX model", None),
+        Entry("onnx_no_graph.onnx", b"\x08\x07\x12\x07pytorch", "not an ONNX model", None),
+        Entry("onnx_missing_external_data.onnx",
+              onnx_model([conv], initializers=[external]),
+              "external data file 'missing.bin' of initializer 'w' does not exist", None),
+        Entry("onnx_short_external_data.onnx", onnx_model([conv], initializers=[short]),
+              "external data file 'short.bin' is too short for initializer 'w'", None,
+              weights=lambda folder: (folder / "short.bin").write_bytes(b"\0" * 16)),
+        Entry("onnx_initializer_wrong_size.onnx",
+              onnx_model([conv], initializers=[wrong_size]),
+              "initializer 'w' holds 20 bytes, but its shape [2, 1, 3, 3] needs 72", None),
+        Entry("onnx_two_inputs.onnx",
+              onnx_model([helper.make_node("Add", ["x", "z"], ["y"], "add")],
+                         [value("x", ["N", 1, 6, 6]), value("z", ["N", 1, 6, 6])]),
+              "the graph has 2 inputs ('x', 'z'); cnnc compiles models of one input tensor",
+              None),
+        Entry("onnx_cycle.onnx", onnx_model(cycle),
+              "the graph has a cycle: 'first' -> 'second' -> 'first'", None),
+        Entry("onnx_float64_input.onnx",
+              onnx_model(inputs=[value("x", ["N", 1, 6, 6], TensorProto.DOUBLE)]),
+              "float64 tensor 'x': cnnc computes float32; export with model.float()", None),
+        Entry("onnx_float64_weight.onnx",
+              onnx_model([conv], initializers=[tensor("w", (2, 1, 3, 3), np.float64)]),
+              "float64 tensor 'w': cnnc computes float32; export with model.float()", None),
+        Entry("onnx_dynamic_height.onnx", onnx_model(inputs=[value("x", ["N", 1, "H", 6])]),
+              "has dynamic dimensions besides the batch; give --input-shape C,H,W", None),
+        Entry("onnx_old_opset.onnx", onnx_model(opset=5),
+              "opset 5 is outside the opsets cnnc reads", None),
+        Entry("onnx_conv_transpose.onnx",
+              onnx_model([transpose], initializers=[tensor("w", (1, 2, 3, 3))]),
+              "node 'Conv_12' (ConvTranspose): not supported; cnnc supports", None),
+        Entry("onnx_resize_linear.onnx",
+              onnx_model([helper.make_node("Resize", ["x", "", "s"], ["y"], "/layer1/Resize",
+                                           mode="linear")], initializers=[tensor("s", (4,))]),
+              "node '/layer1/Resize' (Resize, mode=linear): not supported; cnnc supports",
+              None),
+        Entry("onnx_maxpool_dilations.onnx",
+              onnx_model([helper.make_node("MaxPool", ["x"], ["y"], "pool",
+                                           kernel_shape=[2, 2], dilations=[2, 2])]),
+              "node 'pool' (MaxPool): not supported: MaxPool with dilations [2, 2]", None),
+    ]
+
+
+def write(entries: list[Entry], manifest: dict[str, dict[str, object]]) -> None:
+    for entry in entries:
         path = HERE / entry.name
         if isinstance(entry.text, bytes):
             path.write_bytes(entry.text)
@@ -392,8 +474,29 @@ def main() -> None:
             entry.weights(HERE)
         manifest[entry.name] = {"message": entry.message, "line": entry.line,
                                 "layer": entry.layer}
+
+
+def main() -> None:
+    """Rewrite the whole catalogue; with the argument `onnx`, the ONNX entries only."""
+    if sys.argv[1:] == ["onnx"]:
+        manifest = json.loads((HERE / "manifest.json").read_text())
+        entries = onnx_entries()
+        write(entries, manifest)
+        (HERE / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        print(f"wrote {len(entries)} malformed ONNX models in {HERE}")
+        return
+    for path in HERE.iterdir():
+        if path.name in ("make_catalogue.py", "__pycache__"):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    manifest: dict[str, dict[str, object]] = {}
+    entries = ENTRIES + onnx_entries()
+    write(entries, manifest)
     (HERE / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    print(f"wrote {len(ENTRIES)} malformed models and their weights files in {HERE}")
+    print(f"wrote {len(entries)} malformed models and their weights files in {HERE}")
 
 
 if __name__ == "__main__":

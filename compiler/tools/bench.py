@@ -1,30 +1,40 @@
 """`cnnc bench`: the compiled model side by side with other engines, on the same inputs.
 
-Every engine's output is compared with the NumPy reference before it is timed; an engine that
-disagrees is reported and not timed. Engines are timed interleaved, round by round, after a
-warm-up, so that a noisy machine slows them alike; we report the median of the rounds and the
-spread between the fastest and the slowest round.
+Every engine's output is compared with the NumPy reference (by `cnnc.compare`) before it is
+timed; an engine that disagrees is reported and not timed, and one whose process dies or hangs
+is reported and dropped. Engines are timed interleaved, round by round, after a warm-up, so
+that a noisy machine slows them alike; we report the median of the rounds and the spread
+between the fastest and the slowest round.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-from cnnc.engines import Engine, EngineUnavailable, make_engine
+from cnnc.compare import check_outputs
+from cnnc.engines import Engine, EngineUnavailable, check_engine_names, make_engine
 from cnnc.graph import Graph
 from cnnc.reference import reference
+from cnnc.tools.workers import Worker, WorkerError
 
-RTOL, ATOL = 1e-4, 1e-5
 # A pause before each engine's round: the engine timed before it may still have worker
 # threads spinning (ONNX Runtime spins after each call; the OpenMP in PyTorch wheels spins
 # for 200 ms, its KMP_BLOCKTIME, before its threads sleep).
 SETTLE_SECONDS = 0.25
+# How long an engine's process may take to start (import its package, build the engine) and
+# to answer one request (a check, or one round); then it counts as hung and is stopped.
+START_SECONDS = 300.0
+ANSWER_SECONDS = 300.0
+
+
+class Disagrees(Exception):
+    """An engine's output differs from the reference's; the message says where, in one line."""
 
 
 @dataclass
@@ -59,6 +69,7 @@ class Result:
 class Report:
     results: list[Result]
     notes: list[str]
+    failed: list[str] = field(default_factory=list)  # engines whose process died or hung
 
     def table(self) -> str:
         engines = list(dict.fromkeys(result.engine for result in self.results))
@@ -89,17 +100,15 @@ def bench_input(graph: Graph, seed: int, batch: int) -> np.ndarray:
     return rng.random((batch, *graph.input_shape), dtype=np.float32)
 
 
-def check_engine(engine: Engine, x: np.ndarray, want: Any) -> float:
+def check_engine(engine: Engine, x: np.ndarray, want: Any,
+                 names: list[str] | None = None) -> float:
     """The largest absolute error of `engine` on `x` against the reference's `want`; raises
-    AssertionError beyond rtol=1e-4, atol=1e-5."""
-    got = engine(x)
-    pairs = zip(got if isinstance(got, tuple) else (got,),
-                want if isinstance(want, tuple) else (want,))
-    worst = 0.0
-    for actual, expected in pairs:
-        np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL)
-        worst = max(worst, float(np.abs(actual - expected).max(initial=0)))
-    return worst
+    Disagrees, saying where, when `cnnc.compare` finds that an output does not agree."""
+    checks = check_outputs(engine(x), want, names)
+    for check in checks:
+        if not check.ok:
+            raise Disagrees(check.describe())
+    return max((check.max_abs for check in checks), default=0.0)
 
 
 class Timer:
@@ -117,7 +126,7 @@ class Timer:
         return self.inputs[batch]
 
     def check(self, batch: int, expected: Any) -> float:
-        return check_engine(self.engine, self.input(batch), expected)
+        return check_engine(self.engine, self.input(batch), expected, self.graph.outputs)
 
     def calls_per_round(self, batch: int, seconds: float) -> int:
         return _calls_per_round(self.engine, self.input(batch), seconds)
@@ -139,25 +148,28 @@ class Timer:
 
 class ProcessTimer:
     """An engine in a process of its own, so that no engine's idle worker threads (ONNX
-    Runtime and OpenMP spin while they wait) steal cycles from the one being timed."""
+    Runtime and OpenMP spin while they wait) steal cycles from the one being timed. A
+    process that dies or hangs raises WorkerError, naming the engine."""
 
     def __init__(self, graph: Graph, name: str, threads: int, seed: int,
-                 compile_options: dict[str, Any]) -> None:
-        context = multiprocessing.get_context("spawn")
-        self.connection, child = context.Pipe()
-        self.process = context.Process(target=_serve, daemon=True, args=(
-            child, graph, name, threads, seed, compile_options))
-        self.process.start()
-        status, detail = self.connection.recv()
+                 compile_options: dict[str, Any], start_seconds: float = START_SECONDS,
+                 answer_seconds: float = ANSWER_SECONDS) -> None:
+        self.answer_seconds = answer_seconds
+        self.worker = Worker(f"the {name} engine's process", _serve, graph, name, threads,
+                             seed, compile_options)
+        try:
+            status, detail = self.worker.receive(start_seconds)
+        except WorkerError:
+            self.close()
+            raise
         if status != "ready":
             self.close()
             raise EngineUnavailable(detail)
 
     def _ask(self, *request: Any) -> Any:
-        self.connection.send(request)
-        status, answer = self.connection.recv()
+        status, answer = self.worker.ask(request, self.answer_seconds)
         if status == "mismatch":
-            raise AssertionError(answer)
+            raise Disagrees(answer)
         if status != "ok":
             raise RuntimeError(answer)
         return answer
@@ -172,18 +184,14 @@ class ProcessTimer:
         return float(self._ask("time", batch, calls))
 
     def close(self) -> None:
-        try:
-            self.connection.send(("stop",))
-        except (OSError, BrokenPipeError):
-            pass
-        self.process.join(timeout=10)
-        if self.process.is_alive():
-            self.process.kill()
+        self.worker.stop(("stop",))
 
 
 def _serve(connection: Any, graph: Graph, name: str, threads: int, seed: int,
            compile_options: dict[str, Any]) -> None:
-    """The worker process of a ProcessTimer."""
+    """The worker process of a ProcessTimer: build the engine, then answer requests until
+    told to stop. An exception it does not answer with ends the process, and the parent
+    reports the last line of its traceback."""
     try:
         if name.startswith("cnnc-"):
             from cnnc.driver import compile as compile_model
@@ -197,18 +205,15 @@ def _serve(connection: Any, graph: Graph, name: str, threads: int, seed: int,
         return
     timer = Timer(engine, graph, seed)
     connection.send(("ready", None))
+    actions: dict[str, Callable[..., Any]] = {
+        "check": timer.check, "calls": timer.calls_per_round, "time": timer.time}
     while True:
-        request = connection.recv()
+        kind, *arguments = connection.recv()
+        if kind == "stop":
+            return
         try:
-            if request[0] == "check":
-                connection.send(("ok", timer.check(request[1], request[2])))
-            elif request[0] == "calls":
-                connection.send(("ok", timer.calls_per_round(request[1], request[2])))
-            elif request[0] == "time":
-                connection.send(("ok", timer.time(request[1], request[2])))
-            else:
-                return
-        except AssertionError as mismatch:
+            connection.send(("ok", actions[kind](*arguments)))
+        except Disagrees as mismatch:
             connection.send(("mismatch", str(mismatch)))
         except Exception as error:  # reported to the parent, which notes it
             connection.send(("error", f"{type(error).__name__}: {error}"))
@@ -217,17 +222,22 @@ def _serve(connection: Any, graph: Graph, name: str, threads: int, seed: int,
 def run_bench(graph: Graph, compiled: dict[int, Engine] | None, target: str,
               batches: list[int], threads: list[int], against: list[str], rounds: int = 7,
               round_seconds: float = 0.1, seed: int = 0,
-              compile_options: dict[str, Any] | None = None) -> Report:
+              compile_options: dict[str, Any] | None = None,
+              progress: Callable[[str], None] | None = None) -> Report:
     """Time cnnc and the `against` engines at every thread count and batch size.
 
     With `compiled` ({threads: engine}) every engine runs in this process; without it each
-    engine, cnnc included, runs in a process of its own (what `cnnc bench` does)."""
-    results: list[Result] = []
-    notes: list[str] = []
+    engine, cnnc included, runs in a process of its own (what `cnnc bench` does).
+    `progress` gets a line for each started set of engines, each check and each batch timed.
+    An unknown engine name raises UnknownEngine before anything starts."""
+    check_engine_names(against)
+    report = Report([], [])
+    say = progress or (lambda line: None)
     expected = {batch: reference(graph, bench_input(graph, seed, batch)) for batch in batches}
     for count in threads:
         timers: dict[str, Timer | ProcessTimer] = {}
         names = [f"cnnc-{target}", *against]
+        start = time.perf_counter()
         for name in names:
             try:
                 if compiled is not None:
@@ -238,40 +248,75 @@ def run_bench(graph: Graph, compiled: dict[int, Engine] | None, target: str,
                     timers[name] = ProcessTimer(graph, name, count, seed, compile_options or {})
             except EngineUnavailable as error:
                 note = f"{name} skipped: {error}"
-                if note not in notes:
-                    notes.append(note)
+                if note not in report.notes:
+                    report.notes.append(note)
+            except WorkerError as error:
+                _drop(report, name, f"{name} failed to start on {count} threads", error)
+        say(f"threads {count}: started {', '.join(timers) or 'no engine'} "
+            f"({time.perf_counter() - start:.1f} s)")
         try:
             for batch in batches:
-                results += _measure(timers, batch, count, rounds, round_seconds, notes,
-                                    expected[batch])
+                report.results += _measure(timers, batch, count, rounds, round_seconds, report,
+                                           expected[batch], say)
         finally:
             for timer in timers.values():
                 timer.close()
-    return Report(results, notes)
+    return report
+
+
+def _drop(report: Report, name: str, what: str, error: WorkerError) -> None:
+    report.notes.append(f"{what}, dropped: {error}")
+    if name not in report.failed:
+        report.failed.append(name)
 
 
 def _measure(timers: dict[str, Timer | ProcessTimer], batch: int, threads: int, rounds: int,
-             round_seconds: float, notes: list[str], expected: Any) -> list[Result]:
+             round_seconds: float, report: Report, expected: Any,
+             say: Callable[[str], None]) -> list[Result]:
     """Check every engine at `batch`, then time the ones that agree, interleaved in rounds.
+    An engine whose process dies or hangs is noted and removed from `timers`.
 
     `expected` is the reference's answer, computed by the bench's own process: in an
     engine's process, the threads that NumPy's BLAS starts for it slowed that engine's
     two-thread rounds by 10-30 % on our machines."""
+    where = f"threads {threads}, batch {batch}"
     checked: dict[str, Result] = {}
-    for name, timer in timers.items():
+    calls: dict[str, int] = {}
+
+    def lost(name: str, error: WorkerError) -> None:
+        _drop(report, name, f"{name} at threads {threads} batch {batch} failed", error)
+        timers.pop(name).close()
+        checked.pop(name, None)
+        say(f"{where}: {name} failed: {error}")
+
+    for name, timer in list(timers.items()):
         try:
             checked[name] = Result(name, batch, threads,
                                    max_error=timer.check(batch, expected))
-        except AssertionError as mismatch:
-            notes.append(f"{name} at batch {batch} disagrees with the reference, not timed: "
-                         f"{str(mismatch).strip().splitlines()[-1]}")
+            calls[name] = timer.calls_per_round(batch, round_seconds)
+            say(f"{where}: {name} agrees with the reference (max abs error "
+                f"{checked[name].max_error:.2g})")
+        except Disagrees as mismatch:
+            report.notes.append(f"{name} at batch {batch} disagrees with the reference, not "
+                                f"timed: {mismatch}")
+            say(f"{where}: {name} disagrees with the reference, not timed")
         except (EngineUnavailable, RuntimeError) as error:
-            notes.append(f"{name} at batch {batch} failed, not timed: {error}")
-    calls = {name: timers[name].calls_per_round(batch, round_seconds) for name in checked}
+            report.notes.append(f"{name} at batch {batch} failed, not timed: {error}")
+            checked.pop(name, None)
+            say(f"{where}: {name} failed, not timed")
+        except WorkerError as error:
+            lost(name, error)
+    start = time.perf_counter()
     for _ in range(rounds):
-        for name, result in checked.items():
+        for name, result in list(checked.items()):
             time.sleep(SETTLE_SECONDS)
-            result.seconds.append(timers[name].time(batch, calls[name]))
+            try:
+                result.seconds.append(timers[name].time(batch, calls[name]))
+            except WorkerError as error:
+                lost(name, error)
+    if checked:
+        say(f"{where}: timed {', '.join(checked)} over {rounds} rounds "
+            f"({time.perf_counter() - start:.1f} s)")
     return list(checked.values())
 
 
@@ -297,7 +342,7 @@ def plot(report: Report, path: str, title: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise EngineUnavailable("matplotlib is not installed (pip install 'cnnc[bench]')") \
+        raise EngineUnavailable("matplotlib is not installed (pip install -e '.[bench]')") \
             from None
     threads = sorted({result.threads for result in report.results})
     engines = list(dict.fromkeys(result.engine for result in report.results))

@@ -1,0 +1,252 @@
+"""What a target is, as data: for the host CPU its vector width and its measured fp32 peak, for
+an NVIDIA GPU its `sm_XX` limits. Heuristics and reports read these facts from here; nothing
+else hard-codes one machine.
+
+The CPU peak is measured once per CPU model (a JIT-compiled loop of independent FMAs, a few
+milliseconds) and kept in the cache directory. llvmlite is imported only when the host CPU is
+asked for, never by `import cnnc`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from cnnc.cache import cache_dir
+
+PEAK_FILE = "cpu-peak.json"  # in the cache directory: {cpu key: measured facts}
+FMA_CHAINS = 12  # independent accumulators: more than FMA pipes x FMA latency on any x86 core
+FMA_LATENCY = 4  # cycles of one fp32 FMA on current x86 cores (Skylake on, Zen 3 on)
+PEAK_SECONDS = 0.003  # per timed run of the loop; the best of PEAK_RUNS is kept
+PEAK_RUNS = 5
+
+DEFAULT_GPU_ARCH = "sm_90"
+GPU_BLOCKS_PER_SM = 8  # blocks a staged kernel should fit on one SM, for latency hiding
+GPU_STATIC_SHARED_LIMIT = 48 * 1024  # bytes of static __shared__ memory a block may declare
+
+
+@dataclass(frozen=True)
+class CpuTarget:
+    """The host CPU. `vector_width` counts float32 lanes of the widest vector register the
+    code generator uses; `fma_pipes` is estimated from the peak and the nominal clock (None
+    when the clock is unknown); `peak_source` says whether the peak was measured by this
+    process or read from the cache."""
+
+    model: str  # the CPU's model name, e.g. "AMD Ryzen 9 7950X"
+    llvm_cpu: str  # LLVM's name for it, e.g. "znver4"
+    features: str
+    vector_width: int
+    peak_gflops_per_core: float
+    fma_pipes: int
+    peak_source: Literal["measured", "cached"]
+
+    def describe_peak(self) -> str:
+        return (f"peak: {self.peak_gflops_per_core:.0f} GFLOP/s/core, {self.peak_source} "
+                f"({self.model}, {self.llvm_cpu}, {self.vector_width} fp32 lanes, "
+                f"{self.fma_pipes} FMA pipes)")
+
+
+@dataclass(frozen=True)
+class GpuArch:
+    """What the GPU heuristic needs to know about an architecture."""
+
+    threads_per_sm: int
+    shared_per_sm: int  # bytes of shared memory the blocks on one SM can share
+
+    def shared_budget(self) -> int:
+        """Bytes one staged block may use so that GPU_BLOCKS_PER_SM of them fit on an SM."""
+        return min(GPU_STATIC_SHARED_LIMIT, self.shared_per_sm // GPU_BLOCKS_PER_SM)
+
+
+# By compute capability; an architecture not listed takes the nearest older one.
+GPU_ARCHS = {
+    75: GpuArch(1024, 64 * 1024),  # Turing (T4)
+    80: GpuArch(2048, 164 * 1024),  # A100
+    86: GpuArch(1536, 100 * 1024),  # Ampere consumer, A10
+    89: GpuArch(1536, 100 * 1024),  # Ada (L4, L40)
+    90: GpuArch(2048, 228 * 1024),  # Hopper (H100, H200)
+    100: GpuArch(2048, 228 * 1024),  # Blackwell (B200)
+    120: GpuArch(1536, 100 * 1024),  # Blackwell consumer
+}
+
+
+def gpu_arch(name: str) -> GpuArch:
+    """The properties of `name` ("sm_90", "sm_90a"); ValueError when it is not sm_XX."""
+    match = re.fullmatch(r"sm_(\d+)[af]?", name)
+    if match is None:
+        raise ValueError(f"unknown CUDA architecture {name!r}; expected sm_XX, e.g. sm_90")
+    capability = int(match.group(1))
+    known = [key for key in GPU_ARCHS if key <= capability] or [min(GPU_ARCHS)]
+    return GPU_ARCHS[max(known)]
+
+
+_HOST: CpuTarget | None = None
+
+
+def host_cpu() -> CpuTarget:
+    """The host CPU, its peak read from the cache or, the first time on this CPU model,
+    measured (and then stored for the next process)."""
+    global _HOST
+    if _HOST is not None:
+        return _HOST
+    import llvmlite.binding as llvm
+
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    llvm_cpu, features = llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()
+    model = cpu_model_name()
+    width = vector_width(features)
+    key = f"{model} | {llvm_cpu} | {features}"
+    cached = _read_peaks().get(key)
+    if isinstance(cached, dict) and isinstance(cached.get("peak_gflops_per_core"), float) \
+            and isinstance(cached.get("fma_pipes"), int):
+        target = CpuTarget(model, llvm_cpu, features, width, cached["peak_gflops_per_core"],
+                           cached["fma_pipes"], "cached")
+    else:
+        peak, pipes = measure_peak(width)
+        target = CpuTarget(model, llvm_cpu, features, width, peak, pipes, "measured")
+        _store_peak(key, target)
+    # Later calls in this process reuse the figure: they say "cached".
+    _HOST = CpuTarget(**{**asdict(target), "peak_source": "cached"})
+    return target
+
+
+def llvm_cpu_name() -> str:
+    """LLVM's name for the host CPU ("znver4"), what tuned schedules are keyed by; cheap,
+    measures nothing."""
+    import llvmlite.binding as llvm
+
+    llvm.initialize_native_target()
+    return str(llvm.get_host_cpu_name())
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what the platform module knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def vector_width(features: str) -> int:
+    """float32 lanes of the widest vector the code generator uses, from LLVM's feature
+    string: AVX-512 16, AVX 8, else (SSE, NEON) 4."""
+    enabled = {item[1:] for item in features.split(",") if item.startswith("+")}
+    if "avx512f" in enabled:
+        return 16
+    if "avx" in enabled:
+        return 8
+    return 4
+
+
+def measure_peak(width: int) -> tuple[float, int]:
+    """GFLOP/s of one core running FMA_CHAINS independent `width`-lane FMA chains (the fp32
+    ceiling a kernel is compared with), and the FMA pipes that implies: one chain waits
+    FMA_LATENCY cycles per FMA, so many chains run pipes * FMA_LATENCY times as fast."""
+    engine, loops = _fma_loops(width, (FMA_CHAINS, 1))
+    assert engine
+    peak = _gflops(loops[FMA_CHAINS], width, FMA_CHAINS)
+    one_chain = _gflops(loops[1], width, 1)
+    return peak, max(1, round(peak / one_chain / FMA_LATENCY))
+
+
+def _gflops(loop: Any, width: int, chains: int) -> float:
+    """The best of PEAK_RUNS runs of `loop`, each grown to last PEAK_SECONDS."""
+    data = (ctypes.c_float * 4)(0.999, 0.001, 1.0, 0.0)  # acc * a + b: no overflow, no denormals
+    steps = 1 << 10
+    while True:
+        start = time.perf_counter()
+        loop(steps, data)
+        elapsed = time.perf_counter() - start
+        if elapsed >= PEAK_SECONDS or steps >= 1 << 30:
+            break
+        steps *= 2
+    best = elapsed
+    for _ in range(PEAK_RUNS - 1):
+        start = time.perf_counter()
+        loop(steps, data)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * width * chains * steps / best / 1e9
+
+
+def _fma_loops(width: int, chain_counts: tuple[int, ...]) -> tuple[Any, dict[int, Any]]:
+    """The JIT engine and, per chain count, `void fma_loop_N(i64 steps, float* data)`: N
+    accumulators, each updated by one `width`-lane FMA per step, their sum stored in data[3]
+    so that none is dead. The engine must outlive the functions."""
+    import llvmlite.binding as llvm
+
+    vector = f"<{width} x float>"
+    fma = f"@llvm.fma.v{width}f32"
+    lines = [f"declare {vector} {fma}({vector}, {vector}, {vector})",
+             # 512-bit vectors stay whole even where LLVM tunes the CPU for 256-bit ones.
+             f'attributes #0 = {{ "min-legal-vector-width"="{width * 32}" }}']
+    for chains in chain_counts:
+        lines += [f"define void @fma_loop_{chains}(i64 %steps, ptr %data) #0 {{", "entry:"]
+        for index, name in enumerate(("a", "b", "c")):
+            lines += [f"  %p{name} = getelementptr float, ptr %data, i64 {index}",
+                      f"  %{name}0 = load float, ptr %p{name}",
+                      f"  %{name}1 = insertelement {vector} poison, float %{name}0, i32 0",
+                      f"  %{name} = shufflevector {vector} %{name}1, {vector} poison, "
+                      f"<{width} x i32> zeroinitializer"]
+        lines += ["  br label %loop", "loop:", "  %i = phi i64 [ 0, %entry ], [ %next, %loop ]"]
+        lines += [f"  %acc{chain} = phi {vector} [ %c, %entry ], [ %new{chain}, %loop ]"
+                  for chain in range(chains)]
+        lines += [f"  %new{chain} = call {vector} {fma}({vector} %acc{chain}, {vector} %a, "
+                  f"{vector} %b)" for chain in range(chains)]
+        lines += ["  %next = add i64 %i, 1", "  %more = icmp slt i64 %next, %steps",
+                  "  br i1 %more, label %loop, label %done", "done:", "  %sum0 = fadd "
+                  f"{vector} %new0, zeroinitializer"]
+        lines += [f"  %sum{chain} = fadd {vector} %sum{chain - 1}, %new{chain}"
+                  for chain in range(1, chains)]
+        lines += [f"  %lane = extractelement {vector} %sum{chains - 1}, i32 0",
+                  "  %pd = getelementptr float, ptr %data, i64 3",
+                  "  store float %lane, ptr %pd", "  ret void", "}"]
+    module = llvm.parse_assembly("\n".join(lines))
+    module.verify()
+    machine = llvm.Target.from_default_triple().create_target_machine(
+        cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(), opt=2,
+        codemodel="jitdefault")
+    engine = llvm.create_mcjit_compiler(module, machine)
+    engine.finalize_object()
+    signature = ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.POINTER(ctypes.c_float))
+    return engine, {chains: signature(engine.get_function_address(f"fma_loop_{chains}"))
+                    for chains in chain_counts}
+
+
+def _read_peaks() -> dict[str, Any]:
+    try:
+        data = json.loads((cache_dir() / PEAK_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _store_peak(key: str, target: CpuTarget) -> None:
+    """Add the measurement to the peak file (written whole and renamed into place); a cache
+    that cannot be written is skipped, since it only saves a measurement."""
+    peaks = _read_peaks()
+    peaks[key] = {"model": target.model, "llvm_cpu": target.llvm_cpu,
+                  "vector_width": target.vector_width,
+                  "peak_gflops_per_core": target.peak_gflops_per_core,
+                  "fma_pipes": target.fma_pipes, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    directory = cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=directory, prefix=".cpu-peak.", suffix=".tmp")
+        with os.fdopen(handle, "w") as file:
+            json.dump(peaks, file, indent=1, sort_keys=True)
+        os.replace(temporary, directory / PEAK_FILE)
+    except OSError:
+        pass
