@@ -18,15 +18,19 @@ import click
 import numpy as np
 
 from cnnc import __version__
+from cnnc.cli_options import (
+    Failure,
+    compile_for_cli,
+    compile_options,
+    input_shape_option,
+    make_directory,
+)
 from cnnc.compare import ATOL, RTOL, OutputCheck, check_outputs
 from cnnc.driver import TARGETS as COMPILED_TARGETS
-from cnnc.driver import compile as compile_model
 from cnnc.driver import export_kinds
 from cnnc.errors import CnncError, InputError
 from cnnc.frontend import load
 from cnnc.graph import Graph, format_shape
-from cnnc.model import Model
-from cnnc.passes import PASS_NAMES
 from cnnc.reference import check_memory, output_bytes, reference
 
 # The targets `cnnc run` accepts; `_make_runner` must know each one.
@@ -38,7 +42,9 @@ Runner = Callable[[np.ndarray], Outputs]
 
 # Commands from `cnnc.tools`, imported only when one runs (or `--help` lists them), so that
 # `import cnnc.cli` stays light: the fuzzer alone is over a thousand lines.
-TOOL_COMMANDS = {"fuzz": ("cnnc.tools.fuzz.command", "fuzz_command")}
+TOOL_COMMANDS = {"bench": ("cnnc.tools.commands", "bench_command"),
+                 "fuzz": ("cnnc.tools.fuzz.command", "fuzz_command"),
+                 "tune": ("cnnc.tools.commands", "tune_command")}
 
 
 class _Cli(click.Group):
@@ -60,15 +66,11 @@ class _Cli(click.Group):
         except CnncError as error:
             click.echo(f"error: {error}", err=True)
             ctx.exit(2)
-
-
-class _Failure(click.ClickException):
-    """A mistake in the command's own options, printed and exited like a CnncError."""
-
-    exit_code = 2
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.message}", err=True)
+        except click.UsageError as error:  # a bad option or argument: one line, as above
+            path = error.ctx.command_path.split()[1:] if error.ctx is not None else []
+            where = " ".join(["cnnc", *path])
+            click.echo(f"error: {error.format_message()} (see `{where} --help`)", err=True)
+            ctx.exit(2)
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
@@ -83,28 +85,9 @@ def main() -> None:
     """
 
 
-def _parse_input_shape(ctx: click.Context, param: click.Parameter,
-                       value: str | None) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    try:
-        dims = tuple(int(item) for item in value.split(","))
-    except ValueError:
-        dims = ()
-    if not dims or min(dims) < 1:
-        raise _Failure(f"--input-shape takes positive integers C,H,W, got '{value}'")
-    return dims
-
-
-_input_shape_option = click.option(
-    "--input-shape", callback=_parse_input_shape, default=None, metavar="C,H,W",
-    help="The per-sample input shape of an ONNX model whose input has dynamic dimensions "
-         "besides the batch.")
-
-
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@_input_shape_option
+@input_shape_option
 @click.option("--format", "fmt", type=click.Choice(["text", "dot"]), default="text",
               show_default=True,
               help="text: one line per op with its attributes and output shape; "
@@ -115,48 +98,9 @@ def graph(model: Path, fmt: str, input_shape: tuple[int, ...] | None) -> None:
     click.echo(loaded.to_text() if fmt == "text" else loaded.to_dot())
 
 
-def _compile_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The options that shape compilation, shared by `compile` and `run`."""
-    options = [
-        click.option("--no-fuse", is_flag=True,
-                     help="One kernel per op instead of fusing conv + activation + pooling."),
-        click.option("--schedule", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                     help="A JSON file of schedules ({kernel: {field: value}}, or the JSON "
-                          "lines `cnnc tune` writes) that replace the tiling pass's choices."),
-        click.option("--disable-pass", "disabled", multiple=True, type=click.Choice(PASS_NAMES),
-                     help="Switch off one pass of the pipeline (repeatable)."),
-        click.option("--threads", type=click.IntRange(min=1), default=None,
-                     help="CPU threads the batch is split across.  [default: all cores]"),
-        click.option("--arch", default=None,
-                     help="CUDA architecture, e.g. sm_90.  [default: the GPU present, else "
-                          "sm_90]"),
-        click.option("--fast-math", is_flag=True,
-                     help="CUDA: use the fast, less exact math functions (__expf)."),
-        click.option("--check-bounds", is_flag=True,
-                     help="Debug: the generated code checks every load and store."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def _compile(graph: Graph, target: str, no_fuse: bool, schedule: Path | None,
-             disabled: tuple[str, ...], threads: int | None, arch: str | None,
-             fast_math: bool = False, check_bounds: bool = False,
-             dump_ir: Path | None = None) -> Model:
-    try:
-        return compile_model(graph, target=target, fuse=not no_fuse, threads=threads,
-                             schedule=schedule, disable_passes=disabled, dump_ir=dump_ir,
-                             arch=arch, fast_math=fast_math, check_bounds=check_bounds)
-    except ValueError as error:  # a bad schedule file or field
-        if isinstance(error, CnncError):
-            raise
-        raise _Failure(str(error)) from None
-
-
 @main.command("compile")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@_input_shape_option
+@input_shape_option
 @click.option("--target", "-t", type=click.Choice(COMPILED_TARGETS), default="llvm",
               show_default=True, help="llvm: the host CPU; cuda: NVIDIA GPUs (CUDA C, NVRTC).")
 @click.option("--output-dir", "-o", type=click.Path(file_okay=False, path_type=Path),
@@ -169,7 +113,7 @@ def _compile(graph: Graph, target: str, no_fuse: bool, schedule: Path | None,
               help="Write the graph after every pass, and the kernels, as numbered text files.")
 @click.option("--verbose", "-v", is_flag=True,
               help="Also print each kernel's loop IR and schedule.")
-@_compile_options
+@compile_options
 def compile_command(model: Path, target: str, output_dir: Path | None, emit: str | None,
                     dump_ir: Path | None, verbose: bool, no_fuse: bool, schedule: Path | None,
                     disabled: tuple[str, ...], threads: int | None, arch: str | None,
@@ -180,13 +124,13 @@ def compile_command(model: Path, target: str, output_dir: Path | None, emit: str
     known = export_kinds(target)
     unknown = sorted(set(kinds or ()) - set(known))
     if unknown:
-        raise _Failure(f"unknown --emit kind '{unknown[0]}'; expected {', '.join(known)}")
+        raise Failure(f"unknown --emit kind '{unknown[0]}'; expected {', '.join(known)}")
     for directory, option in ((output_dir, "--output-dir"), (dump_ir, "--dump-ir")):
         if directory is not None:
-            _make_directory(directory, option)
+            make_directory(directory, option)
     start = time.perf_counter()
-    compiled = _compile(load(model, input_shape), target, no_fuse, schedule, disabled, threads,
-                        arch, fast_math, check_bounds, dump_ir)
+    compiled = compile_for_cli(load(model, input_shape), target, no_fuse, schedule, disabled,
+                               threads, arch, fast_math, check_bounds, dump_ir)
     seconds = time.perf_counter() - start
     click.echo(f"compiled {compiled.name} for {target} in {seconds:.2f} s: "
                f"{len(compiled.kernels)} kernels")
@@ -202,7 +146,7 @@ def compile_command(model: Path, target: str, output_dir: Path | None, emit: str
         try:
             written = compiled.export(output_dir, emit=kinds)
         except OSError as error:
-            raise _Failure(f"cannot write into '{output_dir}': "
+            raise Failure(f"cannot write into '{output_dir}': "
                            f"{error.strerror or error}") from None
         for path in written:
             click.echo(f"wrote {path}")
@@ -210,7 +154,7 @@ def compile_command(model: Path, target: str, output_dir: Path | None, emit: str
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@_input_shape_option
+@input_shape_option
 @click.option("--input", "-i", "input_path", type=click.Path(dir_okay=False, path_type=Path),
               help="A .npy file holding a float array (N, C, H, W) to run the model on. "
                    "Without it, a random input in [0, 1) is drawn (see --batch and --seed).")
@@ -228,7 +172,7 @@ def compile_command(model: Path, target: str, output_dir: Path | None, emit: str
 @click.option("--check", is_flag=True,
               help=f"Also run the NumPy reference, print the largest errors and fail (exit 1) "
                    f"beyond rtol={RTOL:g}, atol={ATOL:g}.")
-@_compile_options
+@compile_options
 def run(model: Path, input_path: Path | None, batch: int | None, seed: int | None,
         output_path: Path | None, target: str, check: bool, no_fuse: bool,
         schedule: Path | None, disabled: tuple[str, ...], threads: int | None,
@@ -272,136 +216,7 @@ def run(model: Path, input_path: Path | None, batch: int | None, seed: int | Non
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@_input_shape_option
-@click.option("--target", "-t", type=click.Choice(COMPILED_TARGETS), default="llvm",
-              show_default=True, help="The cnnc target to time.")
-@click.option("--batch", "batches", default="1,64,256", show_default=True,
-              help="Comma-separated batch sizes.")
-@click.option("--threads", "thread_counts", default="1,2", show_default=True,
-              help="Comma-separated thread counts (every engine gets the same).")
-@click.option("--against", default="numpy,onnxruntime,torch", show_default=True,
-              help="Comma-separated engines to compare with: reference, numpy (im2col + "
-                   "BLAS), onnxruntime, torch. Engines not installed are skipped with a note.")
-@click.option("--rounds", type=click.IntRange(min=3), default=7, show_default=True,
-              help="Timed rounds per engine, interleaved.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write every measurement to this JSON file.")
-@click.option("--profile", is_flag=True,
-              help="Also time each kernel of the compiled model alone (llvm).")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also draw images/s per engine and batch size into this PNG.")
-@click.option("--schedule", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Schedules to compile with (as for `cnnc compile`).")
-@click.option("--no-fuse", is_flag=True,
-              help="Time cnnc with one kernel per op instead of fusing conv + activation + "
-                   "pooling (as for `cnnc compile`).")
-@click.option("--disable-pass", "disabled", multiple=True, type=click.Choice(PASS_NAMES),
-              help="Switch off one pass of cnnc's pipeline (repeatable).")
-@click.option("--quiet", "-q", is_flag=True,
-              help="No progress lines on stderr (there are none when stderr is not a "
-                   "terminal).")
-def bench(model: Path, target: str, batches: str, thread_counts: str, against: str,
-          rounds: int, json_path: Path | None, profile: bool, plot_path: Path | None,
-          schedule: Path | None, no_fuse: bool, disabled: tuple[str, ...],
-          quiet: bool, input_shape: tuple[int, ...] | None) -> None:
-    """Time MODEL compiled by cnnc against other engines on the same inputs.
-
-    Each engine's output is checked against the NumPy reference before it is timed. Prints
-    the median latency, the spread of the rounds, images/s and the ratio to every engine.
-    Exits with status 1 when an engine's process died or hung (see the notes).
-    """
-    import json
-    import sys
-
-    from cnnc.engines import UnknownEngine, check_engine_names
-    from cnnc.tools.bench import run_bench
-
-    if target != "llvm" and profile:
-        raise _Failure("--profile times the kernels of the llvm target only")
-    engines = [name.strip() for name in against.split(",") if name.strip()]
-    try:
-        check_engine_names(engines)
-    except UnknownEngine as error:
-        raise _Failure(str(error)) from None
-    sizes = _int_list(batches, "--batch")
-    counts = _int_list(thread_counts, "--threads")
-    loaded = load(model, input_shape)
-    show = not quiet and sys.stderr.isatty()
-
-    def progress(line: str) -> None:
-        click.echo(f"bench: {line}", err=True)
-
-    # Each engine runs in a process of its own; compiling once here fills the cache for them.
-    if show:
-        progress(f"compiling {loaded.name} for {target} on {', '.join(map(str, counts))} "
-                 "threads")
-    compiled = {count: _compile(loaded, target, no_fuse, schedule, disabled, count, None)
-                for count in counts}
-    report = run_bench(loaded, None, target, sizes, counts, engines, rounds=rounds,
-                       compile_options={"schedule": schedule, "fuse": not no_fuse,
-                                        "disable_passes": disabled},
-                       progress=progress if show else None)
-    click.echo(report.table())
-    if profile:
-        for count in counts:
-            for size in sizes:
-                click.echo(f"\nprofile: threads={count} batch={size}")
-                click.echo(compiled[count].profile(size))
-    if plot_path is not None:
-        from cnnc.tools.bench import plot
-
-        plot(report, str(plot_path), f"{loaded.name} ({target})")
-        click.echo(f"wrote {plot_path}")
-    if json_path is not None:
-        records = {"model": loaded.name, "target": target,
-                   "results": [result.as_dict() for result in report.results],
-                   "notes": report.notes}
-        json_path.write_text(json.dumps(records, indent=2) + "\n")
-        click.echo(f"wrote {json_path}")
-    if report.failed:
-        raise SystemExit(1)
-
-
-@main.command()
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@_input_shape_option
-@click.option("--target", "-t", type=click.Choice(["llvm"]), default="llvm", show_default=True,
-              help="The target whose kernels are tuned.")
-@click.option("--seconds", type=click.FloatRange(min=1), default=60, show_default=True,
-              help="About how long to search, over all kernels.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Fixes the order the search tries schedules in.")
-@click.option("--output", "-o", "output_path", type=click.Path(dir_okay=False, path_type=Path),
-              required=True, help="The JSON-lines file of tuned schedules to write.")
-def tune(model: Path, target: str, seconds: float, seed: int, output_path: Path,
-         input_shape: tuple[int, ...] | None) -> None:
-    """Search each kernel's schedule with real measurements; write the best per kernel.
-
-    `cnnc compile --schedule FILE` (and `run`, `bench`) replay the file without measuring.
-    Each candidate is checked against the NumPy reference before it is timed.
-    """
-    from cnnc.backends.llvm.jit import host
-    from cnnc.tune import tune as search
-
-    loaded = load(model, input_shape)
-    # The bar counts the time budget, which is what ends the search, in steps of 0.1 %.
-    with click.progressbar(length=1000, label="tuning", file=None) as bar:
-        def advance(fraction: float) -> None:
-            bar.update(max(0, round(fraction * 1000) - bar.pos))
-
-        records = search(loaded, seconds, seed, progress=advance)
-    lines = [record.to_json(host().cpu) for record in records]
-    output_path.write_text("".join(line + "\n" for line in lines))
-    for record in records:
-        gain = record.default_seconds / record.seconds if record.seconds else 1.0
-        click.echo(f"{record.layout:>7} {record.kernel:<32} {record.seconds * 1e6:9.1f} us "
-                   f"({gain:.2f}x the heuristic)  {record.schedule}")
-    click.echo(f"wrote {output_path}")
-
-
-@main.command()
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@_input_shape_option
+@input_shape_option
 @click.option("--output", "-o", "output_path", required=True,
               type=click.Path(dir_okay=False, path_type=Path),
               help="The file to write: .onnx for ONNX, .yaml for cnnc's format (with its "
@@ -415,7 +230,7 @@ def convert(model: Path, input_shape: tuple[int, ...] | None, output_path: Path)
             try:
                 from cnnc.frontend.onnx_export import save_onnx
             except ImportError:
-                raise _Failure("writing ONNX needs the onnx package (pip install "
+                raise Failure("writing ONNX needs the onnx package (pip install "
                                "'cnnc[onnx]')") from None
             written = [save_onnx(loaded, output_path)]
         elif suffix in (".yaml", ".yml"):
@@ -423,22 +238,12 @@ def convert(model: Path, input_shape: tuple[int, ...] | None, output_path: Path)
 
             written = save_yaml(loaded, output_path)
         else:
-            raise _Failure(f"cannot tell the format of '{output_path}'; name it .onnx or .yaml")
+            raise Failure(f"cannot tell the format of '{output_path}'; name it .onnx or .yaml")
     except OSError as error:
-        raise _Failure(f"cannot write '{output_path}': {error.strerror or error}") from None
+        raise Failure(f"cannot write '{output_path}': {error.strerror or error}") from None
     for path in written:
         click.echo(f"wrote {path}")
 
-
-
-def _int_list(text: str, option: str) -> list[int]:
-    try:
-        values = [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise _Failure(f"{option} takes comma-separated integers, got '{text}'") from None
-    if not values or min(values) < 1:
-        raise _Failure(f"{option} takes integers >= 1, got '{text}'")
-    return values
 
 
 def _make_runner(graph: Graph, target: str, **options: Any) -> Runner:
@@ -446,7 +251,7 @@ def _make_runner(graph: Graph, target: str, **options: Any) -> Runner:
     if target == "reference":
         return lambda x: reference(graph, x)
     if target in COMPILED_TARGETS:
-        return _compile(graph, target, **options)  # type: ignore[no-any-return]
+        return compile_for_cli(graph, target, **options)
     raise click.UsageError(f"unknown target '{target}'; expected one of {', '.join(TARGETS)}")
 
 
@@ -492,17 +297,9 @@ def _read_input(path: Path) -> np.ndarray:
     return array
 
 
-def _make_directory(path: Path, option: str) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise _Failure(f"{option}: cannot create the directory '{path}': "
-                       f"{error.strerror or error}") from None
-
-
 def _check_output_path(path: Path, graph: Graph) -> None:
     if len(graph.outputs) > 1 and path.suffix != ".npz":
-        raise _Failure(f"the model has {len(graph.outputs)} outputs; write them to a .npz "
+        raise Failure(f"the model has {len(graph.outputs)} outputs; write them to a .npz "
                        f"file, not '{path}'")
 
 
@@ -515,7 +312,7 @@ def _write_outputs(path: Path, names: list[str], outputs: tuple[np.ndarray, ...]
                 arrays: dict[str, Any] = dict(zip(names, outputs, strict=True))
                 np.savez(file, **arrays)
     except OSError as error:
-        raise _Failure(f"cannot write '{path}': {error.strerror or error}") from None
+        raise Failure(f"cannot write '{path}': {error.strerror or error}") from None
 
 
 def _shape_text(array: np.ndarray) -> str:

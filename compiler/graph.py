@@ -2,11 +2,14 @@
 
 A node holds its op, its normalised attributes, its parameters (float32 arrays), its inferred
 per-sample output shape (the batch N is left out) and the model-file line it came from. The
-graph prints as one readable line per node and as Graphviz DOT. It knows nothing of files.
+graph prints as one readable line per node and as Graphviz DOT; passes change it only through
+`replace_all_uses`, `erase` and `eliminate_dead_code`, never by editing networkx edges. What
+the passes decide is its `plan`. It knows nothing of files.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +18,7 @@ import numpy as np
 
 from cnnc import ops
 from cnnc.ops import Attrs, Shape
+from cnnc.plan import Plan
 
 INPUT = "input"
 
@@ -26,6 +30,7 @@ class Graph:
         self.name = name
         self.source = source
         self.outputs: list[str] = []
+        self.plan = Plan()
         self.nx = nx.DiGraph()
         self.nx.add_node(INPUT, op=INPUT, attrs={}, params={}, shape=tuple(input_shape),
                          line=None, order=0)
@@ -52,9 +57,10 @@ class Graph:
         return shape
 
     def copy(self) -> Graph:
-        """A copy whose nodes and attributes may be changed without touching this graph."""
+        """A copy whose nodes, attributes and plan may be changed without touching this graph."""
         other = Graph(self.name, self.input_shape, self.source)
         other.outputs = list(self.outputs)
+        other.plan = copy.deepcopy(self.plan)
         other.nx = self.nx.copy()
         for name in other.nx:
             data = other.nx.nodes[name]
@@ -63,6 +69,43 @@ class Graph:
         for _, _, data in other.nx.edges(data=True):
             data["index"] = list(data["index"])
         return other
+
+    # --- changing ----------------------------------------------------------------------------
+
+    def replace_all_uses(self, old: str, new: str) -> None:
+        """Make every reader of `old` read `new` at the same operand positions, and an output
+        `old` become `new`; `old` itself stays, read by nobody."""
+        if old == new:
+            return
+        for user in self.users(old):
+            positions = self.nx.edges[old, user]["index"]
+            if self.nx.has_edge(new, user):
+                self.nx.edges[new, user]["index"] = sorted(
+                    self.nx.edges[new, user]["index"] + positions)
+            else:
+                self.nx.add_edge(new, user, index=list(positions))
+            self.nx.remove_edge(old, user)
+        self.outputs = [new if name == old else name for name in self.outputs]
+
+    def erase(self, name: str) -> None:
+        """Remove node `name`, which nothing may read any more (torch.fx's `erase_node`)."""
+        if name == INPUT:
+            raise ValueError("the graph's input cannot be erased")
+        readers = self.users(name) + (["the outputs"] if name in self.outputs else [])
+        if readers:
+            raise ValueError(f"cannot erase %{name}: still read by "
+                             + ", ".join(reader if reader == "the outputs" else f"%{reader}"
+                                         for reader in readers))
+        self.nx.remove_node(name)
+
+    def eliminate_dead_code(self) -> list[str]:
+        """Erase every node that no output depends on; returns their names in graph order."""
+        dead = []
+        for name in reversed(self.order()):
+            if name != INPUT and name not in self.outputs and not self.users(name):
+                self.erase(name)
+                dead.append(name)
+        return dead[::-1]
 
     # --- reading -----------------------------------------------------------------------------
 

@@ -146,13 +146,17 @@ def all_of(*conds: Expr) -> Expr | None:
 
 # --- statements ------------------------------------------------------------------------------
 
-# How a loop runs: in order, as one vector of its iterations, or unrolled in the code.
-LoopKind = Literal["serial", "vectorized", "unrolled"]
+# How a loop runs: in order, as one vector of its iterations, or unrolled in the code; on a
+# GPU (bound by `cnnc.gpu_bind`) one iteration per thread of the whole grid, which also spans
+# the images of the batch ("gpu_grid"), or strided over the threads of the one block that
+# holds an image ("gpu_thread").
+LoopKind = Literal["serial", "vectorized", "unrolled", "gpu_grid", "gpu_thread"]
 # What a loop walks, for schedules and for the CUDA backend's choice of parallel loops: the
 # points of an edge kernel, the images of a batch block (or channels of a vector), channel
 # blocks, rows and columns, a reduction, or a pooling window.
 LoopRole = Literal["point", "lane", "channel", "spatial", "reduce", "window"]
 LOOP_KINDS: tuple[LoopKind, ...] = get_args(LoopKind)
+GPU_LOOP_KINDS: tuple[LoopKind, ...] = ("gpu_grid", "gpu_thread")
 LOOP_ROLES: tuple[LoopRole, ...] = get_args(LoopRole)
 
 
@@ -335,6 +339,29 @@ class Buffer:
     role: BufferRole
     data: np.ndarray | None = None
     per_image: int = 0  # the user's arrays: batch * per_image floats, whatever the block
+    staged: bool = False  # GPU (`cnnc.gpu_bind`): an input a block copies to shared memory
+
+
+# How a bound kernel's threads take the images and points of a batch: neighbouring threads
+# on neighbouring points of an image, on neighbouring images at one point, or one block per
+# image whose threads stride over its points.
+GpuMapping = Literal["image_major", "image_minor", "block_per_image"]
+GPU_MAPPINGS: tuple[GpuMapping, ...] = get_args(GpuMapping)
+
+
+@dataclass(frozen=True)
+class GpuBinding:
+    """How a kernel bound to a GPU launches (`cnnc.gpu_bind` sets it): `threads` per block,
+    `points` parallel points per image (the iterations of its largest nest of GPU loops) and
+    `min_blocks`, the resident blocks per SM its launch bounds ask for."""
+
+    mapping: GpuMapping
+    threads: int
+    points: int
+    min_blocks: int
+
+    def describe(self) -> str:
+        return " ".join(f"{item.name}={getattr(self, item.name)}" for item in fields(self))
 
 
 @dataclass(eq=False)
@@ -346,6 +373,12 @@ class Kernel:
     schedule: Schedule = field(default_factory=Schedule)
     # Edge kernels read the user's batch: they get the block index and the batch size.
     uses_batch: bool = False
+    gpu: GpuBinding | None = None  # set when bound to a GPU's blocks and threads
+
+    @property
+    def staged(self) -> list[Buffer]:
+        """The buffers a block stages in shared memory, in argument order."""
+        return [buffer for buffer in self.arguments if buffer.staged]
 
     def buffer(self, name: str) -> Buffer:
         return next(buffer for buffer in self.buffers if buffer.name == name)
@@ -357,12 +390,14 @@ class Kernel:
 
     def to_text(self) -> str:
         args = ", ".join(
-            f"{'const ' if buffer.role == 'input' else ''}float {buffer.name}[{buffer.size}]"
-            for buffer in self.arguments)
+            f"{'staged ' if buffer.staged else ''}{'const ' if buffer.role == 'input' else ''}"
+            f"float {buffer.name}[{buffer.size}]" for buffer in self.arguments)
         if self.uses_batch:
             args += ", int64 block, int64 batch"
         lines = [f"// layers: {', '.join(self.layers)}",
                  f"// schedule: {self.schedule.describe()}"]
+        if self.gpu is not None:
+            lines.append(f"// gpu: {self.gpu.describe()}")
         params = [buffer for buffer in self.buffers if buffer.role == "param"]
         for buffer in params:
             lines.append(f"const float {buffer.name}[{buffer.size}] = {{...}};")

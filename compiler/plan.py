@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from cnnc.kernel import Schedule
 
 if TYPE_CHECKING:
-    from cnnc.passes.layout import Layout
+    from cnnc.layouts import Layout
 
 
 @dataclass

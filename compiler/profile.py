@@ -7,36 +7,21 @@ run has filled every tensor. FLOPs count what the model asks for, not what the c
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from functools import partial
 
-from cnnc import target
+from cnnc import ops, target
 from cnnc.graph import Graph
 from cnnc.lower import LoweredModel
 from cnnc.util import ceil_div
 
 
 def node_flops(graph: Graph, node: str) -> int:
-    """Floating-point operations per image of one op."""
-    op = graph.op(node)
-    out = math.prod(graph.shape(node))
-    if op == "conv2d":
-        attrs = graph.attrs(node)
-        kh, kw = attrs["kernel_size"]
-        per_output = graph.shape(graph.operands(node)[0])[0] // attrs["groups"] * kh * kw
-        return 2 * out * per_output
-    if op == "dense":
-        return 2 * out * graph.shape(graph.operands(node)[0])[0]
-    if op in ("maxpool2d", "avgpool2d"):
-        kh, kw = graph.attrs(node)["kernel_size"]
-        return out * kh * kw
-    if op == "global_avgpool2d":
-        return math.prod(graph.shape(graph.operands(node)[0]))
-    if op in ("flatten", "concat"):
-        return 0
-    return out * (4 if op in ("sigmoid", "tanh", "softmax") else 1)
+    """Floating-point operations per image of one op, by its spec's count."""
+    spec = ops.OPS[graph.op(node)]
+    shapes = [graph.shape(operand) for operand in graph.operands(node)]
+    return spec.flops(graph.attrs(node), shapes, graph.shape(node))
 
 
 def seconds_per_call(call: Callable[[], object], seconds: float, best_of: int = 1) -> float:
@@ -76,7 +61,7 @@ def profile_table(graph: Graph, lowered: LoweredModel, batch: int,
     timings = [max(0.0, seconds_per_call(partial(run_one, index), share, best_of=3) - calling)
                for index in range(count)]
     total = sum(timings) or 1e-12
-    blocks = ceil_div(batch, lowered.lanes)
+    blocks = ceil_div(batch, lowered.images_per_block)
     lines = [cpu.describe_peak()]
     if threads > 1:
         lines.append(f"each kernel is timed on one thread, against one core's peak; the model "
@@ -91,6 +76,6 @@ def profile_table(graph: Graph, lowered: LoweredModel, batch: int,
         lines.append(f"{kernel.name:<34} {spent * 1e6:>8.1f}us {spent / total:>6.0%} "
                      f"{rate:>8.1f} {rate / cpu.peak_gflops_per_core:>8.0%} {moved / 1e6:>9.2f}")
     lines.append(f"{'total':<34} {total * 1e6:>8.1f}us (one thread, batch {batch}, "
-                 f"{'channel' if lowered.lanes == 1 else 'batch'} layout; "
+                 f"{'channel' if lowered.images_per_block == 1 else 'batch'} layout; "
                  f"{calling * 1e6:.1f}us of calling each kernel alone taken off)")
     return "\n".join(lines)

@@ -1,6 +1,7 @@
-"""What a target is, as data: for the host CPU its vector width and its measured fp32 peak, for
-an NVIDIA GPU its `sm_XX` limits. Heuristics and reports read these facts from here; nothing
-else hard-codes one machine.
+"""What a target is, as data: for the host CPU its vector registers (`CpuIsa`, read from LLVM's
+feature string: what the tiling heuristic reads) and its measured fp32 peak and FMA pipes (what
+reports read), for an NVIDIA GPU its `sm_XX` limits. Passes and backends read these facts from
+here; nothing else hard-codes one machine, and nothing here imports a pass.
 
 The CPU peak is measured once per CPU model (a JIT-compiled loop of independent FMAs, a few
 milliseconds) and kept in the cache directory. llvmlite is imported only when the host CPU is
@@ -30,6 +31,34 @@ PEAK_RUNS = 5
 DEFAULT_GPU_ARCH = "sm_90"
 GPU_BLOCKS_PER_SM = 8  # blocks a staged kernel should fit on one SM, for latency hiding
 GPU_STATIC_SHARED_LIMIT = 48 * 1024  # bytes of static __shared__ memory a block may declare
+GPU_MAX_THREADS_PER_BLOCK = 1024  # every architecture since sm_20
+GPU_RESIDENT_BLOCKS = 16  # blocks per SM that every architecture since sm_75 can hold
+
+
+@dataclass(frozen=True)
+class CpuIsa:
+    """The vector registers of a CPU, from LLVM's feature string alone (deterministic: the
+    same features give the same code). `vector_width` counts float32 lanes of the widest
+    vector register the code generator uses, `vector_registers` how many of them there are."""
+
+    vector_width: int
+    vector_registers: int
+
+    @property
+    def accumulators(self) -> int:
+        """Vector accumulators one point's channels may take: a quarter of the registers, the
+        rest holding inputs, weights and addresses (8 of AVX-512's 32)."""
+        return self.vector_registers // 4
+
+    @property
+    def register_tile(self) -> int:
+        """Accumulators of a channels x points register tile: 7/16 of the registers, the rest
+        holding a row of weights and the broadcast inputs (14 of AVX-512's 32)."""
+        return self.vector_registers * 7 // 16
+
+    @classmethod
+    def from_features(cls, features: str) -> CpuIsa:
+        return cls(vector_width(features), vector_registers(features))
 
 
 @dataclass(frozen=True)
@@ -47,6 +76,10 @@ class CpuTarget:
     fma_pipes: int
     peak_source: Literal["measured", "cached"]
 
+    @property
+    def isa(self) -> CpuIsa:
+        return CpuIsa.from_features(self.features)
+
     def describe_peak(self) -> str:
         return (f"peak: {self.peak_gflops_per_core:.0f} GFLOP/s/core, {self.peak_source} "
                 f"({self.model}, {self.llvm_cpu}, {self.vector_width} fp32 lanes, "
@@ -59,10 +92,13 @@ class GpuArch:
 
     threads_per_sm: int
     shared_per_sm: int  # bytes of shared memory the blocks on one SM can share
+    max_threads_per_block: int = GPU_MAX_THREADS_PER_BLOCK
+    static_shared_limit: int = GPU_STATIC_SHARED_LIMIT  # bytes of static __shared__ a block has
+    resident_blocks: int = GPU_RESIDENT_BLOCKS  # the most __launch_bounds__ may ask for
 
     def shared_budget(self) -> int:
         """Bytes one staged block may use so that GPU_BLOCKS_PER_SM of them fit on an SM."""
-        return min(GPU_STATIC_SHARED_LIMIT, self.shared_per_sm // GPU_BLOCKS_PER_SM)
+        return min(self.static_shared_limit, self.shared_per_sm // GPU_BLOCKS_PER_SM)
 
 
 # By compute capability; an architecture not listed takes the nearest older one.
@@ -118,6 +154,21 @@ def host_cpu() -> CpuTarget:
     return target
 
 
+_HOST_ISA: CpuIsa | None = None
+
+
+def host_isa() -> CpuIsa:
+    """The host CPU's vector registers; cheap (reads LLVM's feature string, measures nothing),
+    what the compile path asks for."""
+    global _HOST_ISA
+    if _HOST_ISA is None:
+        import llvmlite.binding as llvm
+
+        llvm.initialize_native_target()
+        _HOST_ISA = CpuIsa.from_features(llvm.get_host_cpu_features().flatten())
+    return _HOST_ISA
+
+
 def llvm_cpu_name() -> str:
     """LLVM's name for the host CPU ("znver4"), what tuned schedules are keyed by; cheap,
     measures nothing."""
@@ -149,6 +200,13 @@ def vector_width(features: str) -> int:
     if "avx" in enabled:
         return 8
     return 4
+
+
+def vector_registers(features: str) -> int:
+    """Vector registers the code generator can use, from LLVM's feature string: AVX-512 has
+    32, AVX and SSE on x86-64 16, NEON 32."""
+    enabled = {item[1:] for item in features.split(",") if item.startswith("+")}
+    return 32 if enabled & {"avx512f", "neon"} else 16
 
 
 def measure_peak(width: int) -> tuple[float, int]:

@@ -13,6 +13,8 @@ from typing import Literal
 
 from cnnc.kernel import (
     BUFFER_ROLES,
+    GPU_LOOP_KINDS,
+    GPU_MAPPINGS,
     LOOP_KINDS,
     LOOP_ROLES,
     Assign,
@@ -36,6 +38,7 @@ from cnnc.kernel import (
     children,
     walk,
 )
+from cnnc.target import GPU_MAX_THREADS_PER_BLOCK, GPU_STATIC_SHARED_LIMIT
 
 VERIFY_ENV = "CNNC_VERIFY"  # set to anything but "" or "0" to verify every lowered kernel
 BATCH_VARS = ("block", "batch")  # what a launch gives the kernels that read the batch
@@ -74,7 +77,15 @@ def verify(kernel: Kernel) -> None:
     inputs and parameters, stores write outputs, at integer indices. Arithmetic takes two ints
     or two floats (`/` floats, `//` ints), `<` and `<=` compare ints, `and` joins conditions,
     `If` and `Select` test conditions, and every stored or declared value is a float. Buffer,
-    variable and local names are distinct C identifiers."""
+    variable and local names are distinct C identifiers.
+
+    A kernel bound to a GPU (`cnnc.gpu_bind`) does not read the batch; its GPU loops are the
+    channel and spatial loops at the top of its statements, every one of those is bound, all
+    of the kind its mapping takes ("gpu_thread" for one block per image, else "gpu_grid"),
+    and no lane loop is left with more than one iteration; its `points` are its largest
+    nest's and its threads within a block's limit. Only the inputs of a block-per-image kernel
+    are staged, together within the static shared memory; an unbound kernel has neither GPU
+    loops nor staged buffers."""
     _Verifier(kernel).run()
 
 
@@ -82,6 +93,7 @@ class _Verifier:
     def __init__(self, kernel: Kernel) -> None:
         self.kernel = kernel
         self.buffers: dict[str, Buffer] = {}
+        self.gpu_loops: set[int] = set()  # ids of the loops the GPU binding binds
 
     def fail(self, message: str) -> None:
         raise IRError(f"kernel {self.kernel.name}: {message}")
@@ -91,8 +103,58 @@ class _Verifier:
             self.buffer(buffer)
         if not any(buffer.role == "output" for buffer in self.kernel.buffers):
             self.fail("no output buffer")
+        self.gpu_loops = self.binding()
         bound = set(BATCH_VARS) if self.kernel.uses_batch else set()
         self.block(self.kernel.body, bound, set())
+
+    def binding(self) -> set[int]:
+        """Check the GPU binding's launch and staging; the ids of the loops it binds."""
+        kernel, binding = self.kernel, self.kernel.gpu
+        staged = kernel.staged
+        if binding is None:
+            if staged:
+                self.fail(f"buffer {staged[0].name} is staged but the kernel is not bound "
+                          "to a GPU")
+            return set()
+        if kernel.uses_batch:
+            self.fail("a kernel that reads the batch is bound to a GPU")
+        if binding.mapping not in GPU_MAPPINGS:
+            self.fail(f"GPU mapping {binding.mapping!r}; mappings: {', '.join(GPU_MAPPINGS)}")
+        if not 1 <= binding.threads <= GPU_MAX_THREADS_PER_BLOCK or binding.min_blocks < 1:
+            self.fail(f"a GPU launch of {binding.threads} threads per block, at least "
+                      f"{binding.min_blocks} blocks per SM")
+        kind = "gpu_thread" if binding.mapping == "block_per_image" else "gpu_grid"
+        loops: set[int] = set()
+        points = 0
+        for stmt in kernel.body:
+            extents = 1
+            while isinstance(stmt, For) and stmt.role in ("channel", "spatial"):
+                if stmt.kind != kind:
+                    self.fail(f"loop {stmt.var} at the top of the kernel is {stmt.kind}, not "
+                              f"{kind} as its {binding.mapping} mapping binds it")
+                loops.add(id(stmt))
+                extents *= stmt.extent
+                if len(stmt.body) != 1:
+                    break
+                stmt = stmt.body[0]
+            points = max(points, extents)
+        for loop in walk(kernel.body, expressions=False):
+            if isinstance(loop, For) and loop.role == "lane" and loop.extent != 1:
+                self.fail(f"lane loop {loop.var} of {loop.extent} iterations in a kernel "
+                          "bound to a GPU (one thread is one lane)")
+        if binding.points != points:
+            self.fail(f"the GPU binding says {binding.points} points per image; its loops "
+                      f"have {points}")
+        for buffer in staged:
+            if buffer.role != "input" or binding.mapping != "block_per_image":
+                self.fail(f"{buffer.role} buffer {buffer.name} is staged, but only the "
+                          "inputs of a block_per_image kernel may be (this one is "
+                          f"{binding.mapping})")
+        shared = sum(buffer.size * 4 for buffer in staged)
+        if shared > GPU_STATIC_SHARED_LIMIT:
+            self.fail(f"staged buffers take {shared} bytes of shared memory; a block has "
+                      f"{GPU_STATIC_SHARED_LIMIT}")
+        return loops
 
     def name(self, name: str, what: str) -> None:
         if not _IDENTIFIER.fullmatch(name):
@@ -158,6 +220,9 @@ class _Verifier:
             self.fail(f"loop {loop.var} has role {loop.role!r}; roles: {', '.join(LOOP_ROLES)}")
         if type(loop.extent) is not int or loop.extent < 1:
             self.fail(f"loop {loop.var} has extent {loop.extent!r}")
+        if loop.kind in GPU_LOOP_KINDS and id(loop) not in self.gpu_loops:
+            self.fail(f"loop {loop.var} is {loop.kind} but is not a channel or spatial loop "
+                      "at the top of a kernel bound to a GPU")
 
     def expect(self, expr: Expr, wanted: Type, what: str, bound: set[str],
                visible: set[str]) -> None:

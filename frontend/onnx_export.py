@@ -13,50 +13,22 @@ from typing import Any
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from cnnc import ops
 from cnnc.graph import INPUT, Graph
 
 OPSET = 21  # the newest opset of onnx 1.16, the oldest onnx the extra allows
 IR_VERSION = 10
 
 
-def _window(attrs: dict[str, Any]) -> dict[str, Any]:
-    (top, bottom), (left, right) = attrs["padding"]
-    return {"kernel_shape": list(attrs["kernel_size"]), "strides": list(attrs["stride"]),
-            "pads": [top, left, bottom, right]}
-
-
 def _node(graph: Graph, name: str, inputs: list[str], param: dict[str, str]) -> Any:
-    op, attrs = graph.op(name), graph.attrs(name)
-    out = [name]
-    if op == "conv2d":
-        args = [inputs[0], param["weight"]] + ([param["bias"]] if "bias" in param else [])
-        return helper.make_node("Conv", args, out, name, dilations=list(attrs["dilation"]),
-                                group=attrs["groups"], **_window(attrs))
-    if op == "dense":
-        args = [inputs[0], param["weight"]] + ([param["bias"]] if "bias" in param else [])
-        return helper.make_node("Gemm", args, out, name, transB=1)
-    if op == "maxpool2d":
-        return helper.make_node("MaxPool", inputs, out, name, ceil_mode=int(attrs["ceil_mode"]),
-                                **_window(attrs))
-    if op == "avgpool2d":
-        return helper.make_node("AveragePool", inputs, out, name,
-                                ceil_mode=int(attrs["ceil_mode"]),
-                                count_include_pad=int(attrs["count_include_pad"]),
-                                **_window(attrs))
-    if op == "batchnorm2d":
-        args = [inputs[0], *(param[key] for key in ("weight", "bias", "running_mean",
-                                                   "running_var"))]
-        return helper.make_node("BatchNormalization", args, out, name, epsilon=attrs["eps"])
-    if op in ("flatten", "softmax", "concat"):
-        kind = {"flatten": "Flatten", "softmax": "Softmax", "concat": "Concat"}[op]
-        return helper.make_node(kind, inputs, out, name, axis=1)
-    if op == "add":
-        return helper.make_node("Add" if len(inputs) == 2 else "Sum", inputs, out, name)
-    simple = {"sigmoid": "Sigmoid", "relu": "Relu", "tanh": "Tanh",
-              "global_avgpool2d": "GlobalAveragePool"}
-    if op not in simple:
+    """The node of op `name`, in the ONNX form its spec gives."""
+    op = graph.op(name)
+    form = ops.OPS[op].onnx
+    if form is None:
         raise ValueError(f"op '{op}' of node '{name}' has no ONNX form yet")
-    return helper.make_node(simple[op], inputs, out, name)
+    kind = form.many if form.many and len(inputs) > 2 else form.op_type
+    args = [*inputs, *(param[key] for key in form.params if key in param)]
+    return helper.make_node(kind, args, [name], name, **form.attrs(graph.attrs(name)))
 
 
 def to_onnx(graph: Graph) -> Any:

@@ -3,7 +3,8 @@
 Each handler checks the attributes cnnc implements, reads its inputs through the `Importer`
 and returns its outputs' values. What exporters emit besides layers (Shape/Gather/Concat
 chains for a flatten size, Identity, Dropout, a Pad before a Conv) maps onto nothing or onto
-an attribute. An op added to the registry needs one line in `HANDLERS`.
+an attribute. An op of the registry without attributes or parameters is read by the generic
+handler from its spec's ONNX name; any other needs a handler here.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from cnnc import ops
 from cnnc.frontend.onnx_ops import Dims, Handler, Importer, Tensor, Unsupported, Value
 from cnnc.util import ceil_div
 
@@ -384,18 +386,23 @@ def constant(ctx: Importer, node: Node, label: str) -> list[Value]:
     return ctx.fold(node, [])
 
 
+def _plain(spec: ops.OpSpec) -> bool:
+    """An op read by the generic handler: one tensor in, no attributes, no parameters."""
+    return spec.onnx is not None and not spec.attrs and spec.max_inputs == 1 and \
+        not spec.param_shapes({}, [(1, 1, 1)])
+
+
+# The registry's plain ops first; a handler of its own (below) takes precedence.
 HANDLERS: dict[str, Handler] = {
+    **{spec.onnx.op_type: _unary(spec.name) for spec in ops.OPS.values()
+       if spec.onnx is not None and _plain(spec)},
     "Constant": constant,
     "Conv": conv,
     "Gemm": gemm,
     "MatMul": matmul,
     "MaxPool": _pool("maxpool2d"),
     "AveragePool": _pool("avgpool2d"),
-    "GlobalAveragePool": _unary("global_avgpool2d"),
     "BatchNormalization": batchnorm,
-    "Relu": _unary("relu"),
-    "Sigmoid": _unary("sigmoid"),
-    "Tanh": _unary("tanh"),
     "Softmax": softmax,
     "Flatten": flatten,
     "Reshape": reshape,

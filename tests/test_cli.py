@@ -150,7 +150,8 @@ def test_several_outputs_need_an_npz(tmp_path: Path) -> None:
 def test_input_and_batch_exclude_each_other(tmp_path: Path) -> None:
     result = run_cli("run", LENET, "--input", "x.npy", "--batch", "2")
     assert result.returncode == 2
-    assert "Error: give either --input or --batch/--seed, not both" in result.stderr
+    assert result.stderr == ("error: give either --input or --batch/--seed, not both "
+                             "(see `cnnc run --help`)\n")
 
 
 def test_an_unknown_target() -> None:

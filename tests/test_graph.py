@@ -8,6 +8,7 @@ from conftest import EXAMPLES, GOLDEN
 
 import cnnc
 from cnnc import ops
+from cnnc.passes import Options, groups_of, run_pipeline
 
 LENET_TEXT = """\
 graph lenet(%input : f32[N,1,28,28]) -> (%11) {
@@ -173,3 +174,43 @@ def test_format_shape() -> None:
 
     assert format_shape((16, 5, 5)) == "f32[N,16,5,5]"
     assert format_shape((10,), batch="3") == "f32[3,10]"
+
+
+def test_replace_all_uses_moves_every_reader_and_output() -> None:
+    graph = join("add", ["a", "b", "a"])
+    graph.outputs = ["y", "a"]
+    graph.replace_all_uses("a", "b")
+    assert graph.node_text("y") == "%y = add(%b, %b, %b) : f32[N,2,3,3]"
+    assert graph.nx.edges["b", "y"]["index"] == [0, 1, 2]
+    assert graph.users("a") == [] and graph.outputs == ["y", "b"]
+
+
+def test_erase_refuses_a_node_that_is_still_read() -> None:
+    graph = join("add", ["a", "b"])
+    with pytest.raises(ValueError, match=r"cannot erase %a: still read by %y$"):
+        graph.erase("a")
+    with pytest.raises(ValueError, match=r"cannot erase %y: still read by the outputs$"):
+        graph.erase("y")
+    with pytest.raises(ValueError, match="the graph's input cannot be erased"):
+        graph.erase("input")
+    graph.replace_all_uses("a", "b")
+    graph.erase("a")
+    assert graph.order() == ["input", "b", "y"]
+
+
+def test_eliminate_dead_code_erases_what_no_output_depends_on() -> None:
+    graph = join("add", ["a", "b"])
+    graph.add("dead", "relu", ["a"])
+    graph.add("deader", "tanh", ["dead"])
+    graph.outputs = ["b"]
+    assert graph.eliminate_dead_code() == ["a", "y", "dead", "deader"]
+    assert graph.order() == ["input", "b"]
+    assert graph.eliminate_dead_code() == []
+
+
+def test_a_copy_has_a_plan_of_its_own() -> None:
+    compiled = run_pipeline(cnnc.load(GOLDEN / "lenet.yaml"), Options())
+    other = compiled.copy()
+    assert other.plan == compiled.plan
+    groups_of(other)[0].schedule = groups_of(other)[0].schedule.replace(oc_block=1)
+    assert groups_of(compiled)[0].schedule.oc_block == 6

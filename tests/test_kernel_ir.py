@@ -283,7 +283,7 @@ def test_verify_checks_the_buffers(buffer: Buffer, message: str) -> None:
 
 
 def test_the_ir_has_only_the_loop_kinds_that_lowering_and_the_backends_use() -> None:
-    assert LOOP_KINDS == ("serial", "vectorized", "unrolled")
+    assert LOOP_KINDS == ("serial", "vectorized", "unrolled", "gpu_grid", "gpu_thread")
 
 
 # --- printing --------------------------------------------------------------------------------

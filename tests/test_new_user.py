@@ -179,3 +179,11 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line() -> None:
     assert done.stderr.strip().splitlines() == [
         "gpu_check: no NVIDIA GPU driver here (libcuda.so.1 does not load); nothing to check"]
     assert "pip" not in done.stdout
+
+
+def test_a_usage_mistake_is_one_line_too() -> None:
+    code, out, err = _run("graph", str(ROOT / "examples"))
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [
+        f"error: Invalid value for 'MODEL': File '{ROOT / 'examples'}' is a directory. "
+        "(see `cnnc graph --help`)"]

@@ -13,7 +13,7 @@ from numpy.testing import assert_allclose
 import cnnc
 from cnnc.passes.fuse import groups_of
 from cnnc.tools.bench import run_bench
-from cnnc.tune import candidates, tune
+from cnnc.tools.tune import candidates, tune
 
 
 def test_tuned_schedules_replay_without_measuring(tmp_path: Path) -> None:

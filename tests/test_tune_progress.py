@@ -15,7 +15,7 @@ from conftest import GOLDEN
 
 import cnnc
 import cnnc.compare
-import cnnc.tune
+import cnnc.tools.tune
 from cnnc.cli import main
 
 MODEL = GOLDEN / "multi_in_out.yaml"
@@ -24,7 +24,7 @@ MODEL = GOLDEN / "multi_in_out.yaml"
 def test_the_fraction_follows_the_time_budget() -> None:
     reports: list[tuple[float, float]] = []
     start = time.perf_counter()
-    cnnc.tune.tune(cnnc.load(MODEL), seconds=2, seed=1,
+    cnnc.tools.tune.tune(cnnc.load(MODEL), seconds=2, seed=1,
                    progress=lambda done: reports.append((time.perf_counter() - start, done)))
     fractions = [done for _, done in reports]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
@@ -51,6 +51,6 @@ def test_the_bar_reaches_its_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_candidates_are_checked_with_the_one_comparison_rule(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    assert cnnc.tune.agrees is cnnc.compare.agrees
-    monkeypatch.setattr(cnnc.tune, "agrees", lambda got, want: False)
-    assert cnnc.tune.tune(cnnc.load(MODEL), seconds=1) == []  # every candidate refused
+    assert cnnc.tools.tune.agrees is cnnc.compare.agrees
+    monkeypatch.setattr(cnnc.tools.tune, "agrees", lambda got, want: False)
+    assert cnnc.tools.tune.tune(cnnc.load(MODEL), seconds=1) == []  # every candidate refused

@@ -1,12 +1,13 @@
 """Kernel IR -> CUDA C: one `__global__` function per fused kernel, and how to launch it.
 
-With the GPU layout (one lane) a buffer holds one image in plain NCHW order. The parallel
-loops of a kernel (its channel-block and spatial loops) are flattened into "points"; each
-thread runs the kernel's body at one point of one image, as its schedule maps images and
-points onto blocks and threads. Parameters become `__constant__` arrays when they are small
-and every thread of a warp reads the same element at once, else read-only global arrays. The
-model's input and outputs are copied, not packed: the edge kernels are not generated.
-This module writes text only; it never calls NVRTC, the driver or a host compiler.
+With the GPU layout (one lane) a buffer holds one image in plain NCHW order. Each kernel is
+first bound to the GPU (`cnnc.gpu_bind`): its GPU loops are flattened into "points", each
+thread runs the kernel's body at one point of one image, and the binding says how images and
+points map onto blocks and threads and which inputs a block stages; this module prints what
+the binding says. Parameters become `__constant__` arrays when they are small and every thread
+of a warp reads the same element at once, else read-only global arrays. The model's input and
+outputs are copied, not packed: the edge kernels are not generated. This module writes text
+only; it never calls NVRTC, the driver or a host compiler.
 """
 
 from __future__ import annotations
@@ -18,31 +19,29 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cnnc.gpu_bind import bind_gpu, gpu_loops, inside_gpu_loops
 from cnnc.kernel import (
+    GPU_MAPPINGS,
     Buffer,
-    Const,
     CStylePrinter,
     Expr,
     For,
+    GpuBinding,
     Kernel,
     Load,
-    LoopRole,
-    Stmt,
     Var,
-    substitute,
     walk,
 )
 from cnnc.lower import LoweredModel
-from cnnc.target import GPU_STATIC_SHARED_LIMIT
+from cnnc.target import GpuArch, gpu_arch
 from cnnc.util import ceil_div
+from cnnc.verify import verify, verifying
 from cnnc.version import __version__
 
-PARALLEL_ROLES: tuple[LoopRole, ...] = ("channel", "spatial")
 CONSTANT_LIMIT = 60 * 1024  # bytes of __constant__ data per module (the hardware has 64 KiB)
 CONSTANT_MAX_PARAM = 16 * 1024  # bytes: larger parameters stay in global memory
-MAX_MIN_BLOCKS = 16  # resident blocks per SM that every architecture since sm_75 allows
 SERIAL_UNROLL = 4  # how far the CUDA compiler may unroll a loop the schedule keeps serial
-MAPPINGS = ("image_major", "image_minor", "block_per_image")
+MAPPINGS = GPU_MAPPINGS
 
 PRELUDE = """\
 #define CNNC_INF __int_as_float(0x7f800000)
@@ -164,7 +163,8 @@ def generate(lowered: LoweredModel, name: str, arch: str, fast_math: bool = Fals
     With `check_bounds`, every load and store checks its index (see BOUNDS_HELPER)."""
     if lowered.lanes != 1:
         raise ValueError(f"the CUDA backend needs the one-lane layout, got {lowered.lanes} lanes")
-    kernels = [kernel for kernel in lowered.kernels if not kernel.uses_batch]
+    limits = gpu_arch(arch)
+    kernels = [_bound(kernel, limits) for kernel in lowered.kernels if not kernel.uses_batch]
     parameters = _place_parameters(kernels)
     spaces = {(param.kernel, param.buffer): param for param in parameters}
     lines = [
@@ -194,6 +194,14 @@ def generate(lowered: LoweredModel, name: str, arch: str, fast_math: bool = Fals
     lines += body
     return CudaProgram(name, "\n".join(lines) + "\n", launches, parameters, fast_math,
                        check_bounds)
+
+
+def _bound(kernel: Kernel, limits: GpuArch) -> Kernel:
+    """`kernel` as bound to the GPU (as given when it is bound already), verified in tests."""
+    bound = kernel if kernel.gpu is not None else bind_gpu(kernel, limits)
+    if verifying():
+        verify(bound)
+    return bound
 
 
 # --- parameters ------------------------------------------------------------------------------
@@ -226,13 +234,16 @@ def _place_parameters(kernels: list[Kernel]) -> list[Parameter]:
 
 def _thread_varying_vars(kernel: Kernel) -> set[str]:
     """Loop variables that differ between neighbouring threads of a warp."""
-    if kernel.schedule.gpu_batch_inner:
+    if _binding(kernel).mapping == "image_minor":
         return set()  # neighbouring threads are neighbouring images at the same point
-    names: set[str] = set()
-    for nest in kernel.body:
-        loops, _ = _parallel_loops(nest)
-        names |= {loop.var for loop in loops if loop.role == "spatial"}
-    return names
+    return {loop.var for nest in kernel.body for loop in gpu_loops(nest)
+            if loop.role == "spatial"}
+
+
+def _binding(kernel: Kernel) -> GpuBinding:
+    if kernel.gpu is None:
+        raise ValueError(f"kernel {kernel.name} is not bound to a GPU (cnnc.gpu_bind)")
+    return kernel.gpu
 
 
 def _vars_of(expr: Expr) -> set[str]:
@@ -253,24 +264,6 @@ def format_floats(data: np.ndarray, per_line: int = 8) -> list[str]:
             texts.append("CNNC_INF" if value > 0 else "-CNNC_INF")
     return ["    " + ", ".join(texts[start:start + per_line]) + ","
             for start in range(0, len(texts), per_line)]
-
-
-# --- the loops of a kernel -------------------------------------------------------------------
-
-
-def _parallel_loops(stmt: Stmt) -> tuple[list[For], list[Stmt]]:
-    """The perfectly nested channel/spatial loops at the top of `stmt`, and the body inside
-    them (with the one-lane loop removed): what one thread runs at one point."""
-    loops: list[For] = []
-    body: list[Stmt] = [stmt]
-    while len(body) == 1 and isinstance(body[0], For) and body[0].role in PARALLEL_ROLES:
-        loops.append(body[0])
-        body = body[0].body
-    if len(body) == 1 and isinstance(body[0], For) and body[0].role == "lane":
-        if body[0].extent != 1:
-            raise ValueError("the CUDA backend needs the one-lane layout")
-        body = body[0].body
-    return loops, body
 
 
 class CudaPrinter(CStylePrinter):
@@ -342,7 +335,7 @@ class _KernelEmitter:
                         for buffer in kernel.buffers if buffer.role == "param"}
         self.spaces = {buffer.name: spaces[(kernel.name, buffer.name)].space
                        for buffer in kernel.buffers if buffer.role == "param"}
-        self.nests = [_parallel_loops(stmt) for stmt in kernel.body]
+        self.nests = [(gpu_loops(stmt), inside_gpu_loops(stmt)) for stmt in kernel.body]
         self.printer = CudaPrinter(kernel, self.symbols, fast_math, check_bounds)
         self.access = self.printer.access
 
@@ -364,11 +357,8 @@ class _KernelEmitter:
         return lines
 
     def launch(self) -> KernelLaunch:
-        kernel, schedule = self.kernel, self.kernel.schedule
-        points = max(math.prod(loop.extent for loop in loops) for loops, _ in self.nests)
-        mapping = "block_per_image" if schedule.gpu_shared_tiles else \
-            "image_minor" if schedule.gpu_batch_inner else "image_major"
-        threads = max(1, min(schedule.gpu_threads, 1024))
+        kernel = self.kernel
+        binding = _binding(kernel)
         arguments = [KernelArgument(buffer.name, self.bindings[buffer.name], buffer.size,
                                     buffer.role == "output") for buffer in kernel.arguments]
         for argument in arguments:
@@ -376,19 +366,10 @@ class _KernelEmitter:
                 raise ValueError(f"kernel {kernel.name}: buffer {argument.name} holds "
                                  f"{argument.floats} floats per image; the CUDA backend "
                                  "indexes an image with 32-bit integers")
-        staged: list[str] = []
-        shared = 0
-        if mapping == "block_per_image":
-            reused = _reused_buffers(kernel.body)
-            for argument in arguments:
-                if argument.name in reused and not argument.writes and \
-                        shared + argument.floats * 4 <= GPU_STATIC_SHARED_LIMIT:
-                    staged.append(argument.name)
-                    shared += argument.floats * 4
-        # Enough resident blocks for 1024 threads per SM: at most 64 registers a thread.
-        min_blocks = min(MAX_MIN_BLOCKS, ceil_div(1024, threads))
-        return KernelLaunch(kernel.name, list(kernel.layers), threads, points, mapping,
-                            arguments, staged, shared, min_blocks)
+        staged = [buffer.name for buffer in kernel.staged]
+        shared = sum(buffer.size * 4 for buffer in kernel.staged)
+        return KernelLaunch(kernel.name, list(kernel.layers), binding.threads, binding.points,
+                            binding.mapping, arguments, staged, shared, binding.min_blocks)
 
     def emit(self) -> tuple[KernelLaunch, list[str]]:
         kernel = self.kernel
@@ -448,8 +429,6 @@ class _KernelEmitter:
             body.append("__syncthreads();")
         for loops, inner in self.nests:
             count = math.prod(loop.extent for loop in loops)
-            # One lane: the lane variable is 0 (its loop is gone or runs once).
-            inner = [substitute(stmt, {"lane": Const(0)}) for stmt in inner]
             nest = self._decode(loops) + self.printer.block(inner, 1)
             if launch.mapping == "block_per_image":
                 body.append(f"for (int point = threadIdx.x; point < {count}; "
@@ -481,13 +460,3 @@ class _KernelEmitter:
             lines.append(f"    const int {loop.var} = {value};")
             stride *= loop.extent
         return lines
-
-
-def _reused_buffers(body: list[Stmt]) -> set[str]:
-    """Buffers loaded inside a reduction or window loop: neighbouring points read them again."""
-    loops = [loop for loop in walk(body, expressions=False)
-             if isinstance(loop, For) and loop.role in ("reduce", "window")]
-    # Only the outermost of nested reductions need a look: it holds the others' loads.
-    nested = {id(inner) for loop in loops for inner in walk(loop.body, expressions=False)}
-    return {load.buffer for loop in loops if id(loop) not in nested
-            for load in walk(loop.body) if isinstance(load, Load)}

@@ -1,11 +1,14 @@
-"""PyTorch eager (torch.nn) running the op graph, as a user of PyTorch would write it."""
+"""PyTorch eager (torch.nn) running the op graph, as a user of PyTorch would write it: each op
+by the torch.nn form its spec gives (`OpSpec.torch`)."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
 import numpy as np
 
+from cnnc import ops
 from cnnc.engines import Engine, EngineUnavailable
 from cnnc.graph import INPUT, Graph
 
@@ -13,7 +16,6 @@ from cnnc.graph import INPUT, Graph
 def make(graph: Graph, threads: int) -> Engine:
     try:
         import torch
-        import torch.nn.functional as F  # noqa: N812
     except ImportError:
         raise EngineUnavailable("PyTorch is not installed (pip install torch)") from None
     torch.set_num_threads(threads)
@@ -22,12 +24,10 @@ def make(graph: Graph, threads: int) -> Engine:
         def __init__(self) -> None:
             super().__init__()
             self.tensors = {
-                f"{name}.{key}": torch.from_numpy(np.array(value))
-                for name in graph.order()[1:] for key, value in graph.params(name).items()
+                name: {key: torch.from_numpy(np.array(value))
+                       for key, value in graph.params(name).items()}
+                for name in graph.order()[1:]
             }
-
-        def param(self, name: str, key: str) -> Any:
-            return self.tensors.get(f"{name}.{key}")
 
         def forward(self, x: Any) -> Any:
             values = {INPUT: x}
@@ -38,44 +38,15 @@ def make(graph: Graph, threads: int) -> Engine:
             return tuple(values[name] for name in graph.outputs)
 
         def compute(self, name: str, op: str, attrs: dict[str, Any], args: list[Any]) -> Any:
-            x = args[0]
-            if op in ("conv2d", "maxpool2d", "avgpool2d"):
-                (top, bottom), (left, right) = attrs["padding"]
-                symmetric = top == bottom and left == right
-                if not symmetric:
-                    fill = float("-inf") if op == "maxpool2d" else 0.0
-                    if op == "avgpool2d" and not attrs["count_include_pad"]:
-                        raise EngineUnavailable("asymmetric average pooling without padding")
-                    x = F.pad(x, (left, right, top, bottom), value=fill)
-                padding = (top, left) if symmetric else 0
-            if op == "conv2d":
-                return F.conv2d(x, self.param(name, "weight"), self.param(name, "bias"),
-                                attrs["stride"], padding, attrs["dilation"], attrs["groups"])
-            if op == "dense":
-                return F.linear(x, self.param(name, "weight"), self.param(name, "bias"))
-            if op == "maxpool2d":
-                return F.max_pool2d(x, attrs["kernel_size"], attrs["stride"], padding,
-                                    ceil_mode=attrs["ceil_mode"])
-            if op == "avgpool2d":
-                return F.avg_pool2d(x, attrs["kernel_size"], attrs["stride"], padding,
-                                    ceil_mode=attrs["ceil_mode"],
-                                    count_include_pad=attrs["count_include_pad"])
-            if op == "global_avgpool2d":
-                return x.mean(dim=(2, 3), keepdim=True)
-            if op == "batchnorm2d":
-                return F.batch_norm(x, self.param(name, "running_mean"),
-                                    self.param(name, "running_var"), self.param(name, "weight"),
-                                    self.param(name, "bias"), False, 0.0, attrs["eps"])
-            simple = {"sigmoid": torch.sigmoid, "relu": torch.relu, "tanh": torch.tanh,
-                      "flatten": lambda t: torch.flatten(t, 1),
-                      "softmax": lambda t: F.softmax(t, dim=1)}
-            if op in simple:
-                return simple[op](x)
-            if op == "add":
-                return sum(args[1:], args[0])
-            if op == "concat":
-                return torch.cat(args, dim=1)
-            raise EngineUnavailable(f"no PyTorch form for {op}")
+            form = ops.OPS[op].torch
+            if form is None:
+                raise EngineUnavailable(f"no PyTorch form for {op}")
+            # an absent parameter (a conv2d without bias) is None, as torch.nn takes it
+            params: dict[str, Any] = defaultdict(lambda: None, self.tensors[name])
+            try:
+                return form(torch, attrs, params, args)
+            except NotImplementedError as error:
+                raise EngineUnavailable(str(error)) from None
 
     module = GraphModule().eval()
 

@@ -25,17 +25,6 @@ def fold_batchnorm(graph: Graph, options: Options) -> Graph:
         params["weight"] = weight.astype(np.float32)
         params["bias"] = (bias * scale + shift).astype(np.float32)
         graph.attrs(conv)["bias"] = True
-        _bypass(graph, norm, conv)
+        graph.replace_all_uses(norm, conv)
+        graph.erase(norm)
     return graph
-
-
-def _bypass(graph: Graph, node: str, replacement: str) -> None:
-    """Make every reader of `node` read `replacement` instead, then remove `node`."""
-    for user in graph.users(node):
-        positions = graph.nx.edges[node, user]["index"]
-        if graph.nx.has_edge(replacement, user):
-            graph.nx.edges[replacement, user]["index"] += positions
-        else:
-            graph.nx.add_edge(replacement, user, index=list(positions))
-    graph.outputs = [replacement if name == node else name for name in graph.outputs]
-    graph.nx.remove_node(node)

@@ -4,40 +4,21 @@ full-size convolution output.
 
 A node joins the group of its operand only when nothing else reads that operand and the
 merge cannot create a cycle (torch.fx's partitioner rule). `flatten` is a view, not a kernel.
-The groups are stored on the graph (`graph.nx.graph["groups"]`) for the later passes.
+The groups, in launch order, are the plan's `groups` (`cnnc.plan`) for the later passes.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import networkx as nx
 
 from cnnc import ops
 from cnnc.graph import INPUT, Graph
-from cnnc.kernel import Schedule
 from cnnc.passes.layout import layout_of
 from cnnc.passes.options import Options
+from cnnc.plan import Group
 
 VIEWS = ("flatten",)
-
-
-@dataclass
-class Group:
-    """The ops of one kernel: `nodes[0]` produces, the rest apply to its result in order."""
-
-    nodes: list[str]
-    window: str | None = None  # the pooling node, if the group has one
-    name: str = ""
-    schedule: Schedule = field(default_factory=Schedule)
-
-    @property
-    def producer(self) -> str:
-        return self.nodes[0]
-
-    @property
-    def output(self) -> str:
-        return self.nodes[-1]
+__all__ = ["Group", "fuse", "groups_of", "is_view", "tensor_of", "unfused"]
 
 
 def is_view(graph: Graph, name: str) -> bool:
@@ -53,19 +34,26 @@ def is_view(graph: Graph, name: str) -> bool:
 
 
 def groups_of(graph: Graph) -> list[Group]:
-    """The groups the fuse pass chose, or one group per op when it did not run."""
-    if "groups" not in graph.nx.graph:
-        graph.nx.graph["groups"] = _name([
-            Group([name], window=name if ops.OPS[graph.op(name)].kind == "window" else None)
-            for name in graph.order() if name != INPUT and not is_view(graph, name)
-        ], graph)
-    groups: list[Group] = graph.nx.graph["groups"]
-    return groups
+    """The groups of the plan, in launch order: the fuse pass's, or one per op where it was
+    switched off (`unfused`)."""
+    if graph.plan.groups is None:
+        raise ValueError(f"graph {graph.name!r} has no kernel groups yet: run the fuse pass "
+                         "(cnnc.passes.run_pipeline) first")
+    return graph.plan.groups
+
+
+def unfused(graph: Graph, options: Options) -> Graph:
+    """The plain choice, one kernel per op but views: what stands in for `fuse` when it is off."""
+    graph.plan.groups = _name([
+        Group([name], window=name if ops.OPS[graph.op(name)].kind == "window" else None)
+        for name in graph.order() if name != INPUT and not is_view(graph, name)
+    ], graph)
+    return graph
 
 
 def fuse(graph: Graph, options: Options) -> Graph:
     if not options.fuse:
-        return graph
+        return unfused(graph, options)
     group_of: dict[str, Group] = {}
     groups: list[Group] = []
     for name in graph.order():
@@ -81,7 +69,7 @@ def fuse(graph: Graph, options: Options) -> Graph:
             if ops.OPS[graph.op(name)].kind == "window":
                 group.window = name
         group_of[name] = group
-    graph.nx.graph["groups"] = _name(_in_launch_order(groups, group_of, graph), graph)
+    graph.plan.groups = _name(_in_launch_order(groups, group_of, graph), graph)
     return graph
 
 

@@ -7,25 +7,15 @@ outputs live to the end. First fit over lifetimes, each tensor aligned to 64 byt
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from cnnc.graph import INPUT, Graph
 from cnnc.passes.fuse import groups_of, tensor_of
 from cnnc.passes.layout import layout_of
 from cnnc.passes.options import Options
+from cnnc.plan import MemoryPlan
 from cnnc.util import ceil_div
 
 ALIGN = 16  # floats: 64 bytes, one cache line and one AVX-512 vector
-
-
-@dataclass
-class MemoryPlan:
-    offsets: dict[str, int]  # tensor node -> float offset in the arena
-    sizes: dict[str, int]  # tensor node -> floats per block
-    floats: int  # arena size in floats, per block
-
-    def bytes_per_block(self) -> int:
-        return self.floats * 4
+__all__ = ["MemoryPlan", "memory_of", "plan_memory", "tensor_lifetimes", "unplanned"]
 
 
 def tensor_lifetimes(graph: Graph) -> dict[str, tuple[int, int]]:
@@ -66,16 +56,23 @@ def plan_memory(graph: Graph, options: Options, reuse: bool = True) -> Graph:
             offset = max(offset, _aligned(stop))
         offsets[tensor] = offset
     floats = max((offsets[name] + sizes[name] for name in offsets), default=0)
-    graph.nx.graph["memory"] = MemoryPlan(offsets, sizes, _aligned(floats))
+    graph.plan.memory = MemoryPlan(offsets, sizes, _aligned(floats))
     return graph
 
 
+def unplanned(graph: Graph, options: Options) -> Graph:
+    """The plain choice, a buffer of its own for every tensor: what stands in for
+    `plan_memory` when it is off."""
+    return plan_memory(graph, options, reuse=False)
+
+
 def memory_of(graph: Graph, options: Options) -> MemoryPlan:
-    """The plan the pass made, or one without reuse when it was switched off."""
-    if "memory" not in graph.nx.graph:
-        plan_memory(graph, options, reuse=False)
-    plan: MemoryPlan = graph.nx.graph["memory"]
-    return plan
+    """The memory plan of the plan: the pass's, or one without reuse where it was switched off
+    (`unplanned`). `options` is not read."""
+    if graph.plan.memory is None:
+        raise ValueError(f"graph {graph.name!r} has no memory plan yet: run the plan_memory "
+                         "pass (cnnc.passes.run_pipeline) first")
+    return graph.plan.memory
 
 
 def _aligned(floats: int) -> int:

@@ -1,10 +1,11 @@
 """Pick each kernel's schedule: a deterministic heuristic over the shapes and the target.
 
-The schedule says how many output channels and points share each load (a register tile),
-which reduction loops are unrolled and, for the CUDA targets, how images and points map onto
-threads and whether a block stages its inputs in shared memory (from the GPU architecture in
-`cnnc.target`). A user's schedule file replaces fields of the one picked here, each checked
-against the kernel it is for.
+The schedule says how many output channels and points share each load (a register tile, sized
+by the CPU's vector registers), which reduction loops are unrolled and, for the CUDA targets,
+how images and points map onto threads and whether a block takes one whole image (from the GPU
+architecture). Target facts come from `options` (`cnnc.target`); which buffers a block stages
+in shared memory is decided on the kernel IR by `cnnc.gpu_bind`. A user's schedule file
+replaces fields of the one picked here, each checked against the kernel it is for.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from cnnc.graph import Graph
 from cnnc.kernel import Schedule
 from cnnc.passes.fuse import Group, groups_of, tensor_of
 from cnnc.passes.layout import layout_of
-from cnnc.passes.options import Options
+from cnnc.passes.options import GPU_TARGETS, Options
 from cnnc.schedule_file import (
     EVERY_KERNEL,
     KernelFacts,
@@ -25,13 +26,9 @@ from cnnc.schedule_file import (
     check_fits,
     check_names,
 )
-from cnnc.target import DEFAULT_GPU_ARCH, GpuArch, gpu_arch
+from cnnc.target import DEFAULT_GPU_ARCH, CpuIsa, GpuArch, gpu_arch
 from cnnc.util import ceil_div
 
-MAX_ACCUMULATORS = 8  # of 32 vector registers, leave room for inputs and addresses
-MAX_TILE = 14  # accumulators of a channels x points register tile
-
-GPU_TARGETS = ("cuda", "cuda-sim")
 GPU_MAX_OUTPUTS_PER_THREAD = 8  # accumulators per thread: registers stay well under 64
 GPU_DENSE_OUTPUTS_PER_THREAD = 4  # a dense thread also keeps its input row's address live
 GPU_UNROLL_MAX = 8  # reduction loops up to this long are fully unrolled on the GPU
@@ -53,10 +50,12 @@ def tile(graph: Graph, options: Options) -> Graph:
             channels = out // graph.attrs(producer).get("groups", 1)
             if layout.kind == "channel":  # accumulators hold whole vectors of channels
                 channels = layout.channels(out) // layout.vector(out)
-        oc_block = _largest_divisor(channels, MAX_ACCUMULATORS)
+        # A GPU target has no CPU registers to fill: its oc_block is picked below.
+        accumulators = options.cpu.accumulators if options.cpu is not None else 1
+        oc_block = _largest_divisor(channels, accumulators)
         picked = group.schedule.replace(
             oc_block=oc_block,
-            x_block=_x_block(graph, group.output, oc_block, layout.kind),
+            x_block=_x_block(graph, group.output, oc_block, layout.kind, options.cpu),
             unroll_max=0,  # measured: LLVM schedules the rolled loops better, and sooner
             gpu_threads=128,
         )
@@ -101,13 +100,13 @@ def signature(graph: Graph, group: Group, layout: str) -> str:
     return f"{layout}/{digest}"
 
 
-def _x_block(graph: Graph, output: str, oc_block: int, kind: str) -> int:
+def _x_block(graph: Graph, output: str, oc_block: int, kind: str, cpu: CpuIsa | None) -> int:
     """Points of a row per iteration: in the channel layout, where one image's channels fill
     few vectors, neighbouring points share each weight load."""
     shape = graph.shape(output)
-    if kind != "channel" or len(shape) < 3:
+    if kind != "channel" or len(shape) < 3 or cpu is None:
         return 1
-    return _largest_divisor(shape[-1], max(1, MAX_TILE // oc_block))
+    return _largest_divisor(shape[-1], max(1, cpu.register_tile // oc_block))
 
 
 def _largest_divisor(number: int, limit: int) -> int:
@@ -121,8 +120,9 @@ def _gpu_schedule(graph: Graph, group: Group, picked: Schedule, channels: int,
     Where a point has no spatial extent (dense layers, vectors) neighbouring threads take
     neighbouring images: a warp then reads each weight once, as a broadcast. Otherwise they
     take neighbouring pixels of one image, so loads and stores are coalesced; when the inputs
-    are reused across pixels (a convolution or pooling window) and fit the architecture's
-    shared-memory budget, a block takes one whole image and stages them in shared memory.
+    are reused across pixels (a convolution or pooling window) and would fit the
+    architecture's shared-memory budget, a block takes one whole image, so that it can stage
+    them (which buffers it stages is the binding's decision, on the kernel IR: `gpu_bind`).
     """
     # Unrolled kernel windows give the CUDA compiler constant weight offsets.
     picked = picked.replace(unroll_max=GPU_UNROLL_MAX)
@@ -152,7 +152,9 @@ def _gpu_schedule(graph: Graph, group: Group, picked: Schedule, channels: int,
 
 def _reused_input_floats(graph: Graph, group: Group) -> int:
     """Floats per image of the inputs that neighbouring output points read again: the input
-    of a convolution wider than 1x1 or of a pooling window. 0 when there is none."""
+    of a convolution wider than 1x1 or of a pooling window. 0 when there is none. An estimate
+    from the graph, before any kernel exists, of what staging would hold: whether one block per
+    image pays."""
     floats = 0
     for node in group.nodes:
         op = graph.op(node)

@@ -7,6 +7,7 @@ Model `index` of seed `seed` is always the same model (`generate(seed, index)`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -21,18 +22,17 @@ WIDE_VALUES, WIDE_CHANNELS = 4096, 32  # the same for the one model in five that
 MAX_FEATURES = 512
 MAX_BATCH = 64
 
-IMAGE_OPS = {"conv2d": 5.0, "maxpool2d": 2.0, "avgpool2d": 2.0, "global_avgpool2d": 0.4,
-             "batchnorm2d": 1.2, "relu": 0.8, "sigmoid": 0.8, "tanh": 0.8, "softmax": 0.6,
-             "flatten": 1.0, "add": 1.3, "concat": 1.3}
-FLAT_OPS = {"dense": 5.0, "relu": 0.8, "sigmoid": 0.8, "tanh": 0.8, "softmax": 0.8, "add": 1.0,
-            "concat": 1.0}
+# How often each op is drawn, for image and for flat inputs: from the registry's fuzz forms.
+IMAGE_OPS = {name: spec.fuzz.image for name, spec in ops.OPS.items()
+             if spec.fuzz and spec.fuzz.image}
+FLAT_OPS = {name: spec.fuzz.flat for name, spec in ops.OPS.items()
+            if spec.fuzz and spec.fuzz.flat}
 # Layer names are free text: these reach every backend's generated code (comments, symbols).
 HOSTILE_NAMES = ["conv", "a'b", 'say "hi"', "semi;colon", "define", "float", "__global__",
                  "ret void", "%0", "@main", "{", "}", "*/", "/* c", "back\\slash", "new\nline",
                  "tab\there", "ünïcødé", "名前", "#include <x>", "1e3", "0x10", "-1", "a.b",
                  " ", "$x", "`", "null", "true", "?? =", "a.relu", "N", "batch", "image",
                  "point", "thread", "cnnc_max", "int", "return", "x" * 60]
-ACTIVATIONS = ("relu", "sigmoid", "tanh")
 INPUT_KINDS = {"normal": 5.0, "uniform": 2.0, "large": 1.0, "tiny": 1.0, "saturating": 1.0,
                "special": 1.2, "integers": 0.5, "zeros": 0.2}
 INPUT_LAYOUTS = {"c": 6.0, "fortran": 1.0, "strided": 1.0, "float64": 1.0, "float16": 0.5,
@@ -43,64 +43,6 @@ def _pick(rng: np.random.Generator, weights: dict[str, float]) -> str:
     names = list(weights)
     p = np.array([weights[name] for name in names])
     return names[int(rng.choice(len(names), p=p / p.sum()))]
-
-
-def _pair(rng: np.random.Generator, first: int, second: int) -> int | list[int]:
-    """An int when both are equal (sometimes), else [h, w]."""
-    if first == second and rng.random() < 0.7:
-        return first
-    return [first, second]
-
-
-def _padding(rng: np.random.Generator, limit_h: int, limit_w: int) -> Any:
-    """A padding in one of its three written forms, each side at most its limit."""
-    form = rng.integers(0, 3)
-    if form == 0:
-        return int(rng.integers(0, min(limit_h, limit_w) + 1))
-    if form == 1:
-        return [int(rng.integers(0, limit_h + 1)), int(rng.integers(0, limit_w + 1))]
-    return [[int(rng.integers(0, limit_h + 1)), int(rng.integers(0, limit_h + 1))],
-            [int(rng.integers(0, limit_w + 1)), int(rng.integers(0, limit_w + 1))]]
-
-
-def _conv_attrs(rng: np.random.Generator, shape: tuple[int, ...],
-                max_channels: int) -> dict[str, Any]:
-    channels, height, width = shape
-    divisors = [d for d in range(1, channels + 1) if channels % d == 0]
-    groups = int(rng.choice(divisors)) if rng.random() < 0.35 else 1
-    per_group = int(rng.integers(1, max(1, max_channels // groups // 2) + 1))
-    attrs: dict[str, Any] = {"out_channels": groups * per_group}
-    kh, kw = (int(value) for value in rng.integers(1, 6, size=2))
-    if rng.random() < 0.5:
-        kw = kh
-    attrs["kernel_size"] = _pair(rng, kh, kw)
-    if rng.random() < 0.5:
-        attrs["stride"] = _pair(rng, *(int(value) for value in rng.integers(1, 4, size=2)))
-    if rng.random() < 0.6:
-        attrs["padding"] = _padding(rng, 3, 3)
-    if rng.random() < 0.25:
-        attrs["dilation"] = _pair(rng, *(int(value) for value in rng.integers(1, 4, size=2)))
-    if groups > 1 or rng.random() < 0.1:
-        attrs["groups"] = groups
-    if rng.random() < 0.3:
-        attrs["bias"] = bool(rng.random() < 0.5)
-    return attrs
-
-
-def _pool_attrs(rng: np.random.Generator, op: str) -> dict[str, Any]:
-    kh, kw = (int(value) for value in rng.integers(1, 5, size=2))
-    if rng.random() < 0.5:
-        kw = kh
-    attrs: dict[str, Any] = {"kernel_size": _pair(rng, kh, kw)}
-    if rng.random() < 0.6:
-        attrs["stride"] = _pair(rng, *(int(value) for value in rng.integers(1, 4, size=2)))
-    if rng.random() < 0.5:
-        attrs["padding"] = _padding(rng, kh // 2, kw // 2)
-    if rng.random() < 0.5:
-        attrs["ceil_mode"] = bool(rng.random() < 0.7)
-    if op == "avgpool2d" and rng.random() < 0.5:
-        attrs["count_include_pad"] = bool(rng.random() < 0.5)
-    return attrs
 
 
 class _Builder:
@@ -180,39 +122,23 @@ class _Builder:
             rank = len(self.shape(self.current))
         op = _pick(rng, IMAGE_OPS if rank == 3 else FLAT_OPS)
         shape = self.shape(self.current)
-        activation = str(rng.choice(ACTIVATIONS)) if rng.random() < 0.3 else None
-        if op == "conv2d":
-            self.try_add(op, [self.current], _conv_attrs(rng, shape, self.max_channels),
-                         activation)
-        elif op == "dense":
-            features = math.prod(shape)
-            attrs: dict[str, Any] = {"units": int(rng.integers(1, 17))}
-            if rng.random() < 0.3:
-                attrs["bias"] = bool(rng.random() < 0.5)
-            if features <= MAX_FEATURES:
-                self.try_add(op, [self.current], attrs, activation)
-        elif op in ("maxpool2d", "avgpool2d"):
-            self.try_add(op, [self.current], _pool_attrs(rng, op))
-        elif op == "batchnorm2d":
-            attrs = {}
-            if rng.random() < 0.4:
-                attrs["eps"] = float(rng.choice([1e-5, 1e-3, 0.1, 1.0, 1e-9]))
-            self.try_add(op, [self.current], attrs)
-        elif op in ("add", "concat"):
-            self._join(op, shape)
-        elif op == "flatten" and math.prod(shape) <= MAX_FEATURES:
-            self.try_add(op, [self.current], {})
-        elif op != "flatten":
-            self.try_add(op, [self.current], {})
+        activation = str(rng.choice(ops.ACTIVATIONS)) if rng.random() < 0.3 else None
+        form = ops.OPS[op].fuzz
+        assert form is not None
+        if form.joins is not None:
+            self._join(op, shape, form.joins)
+            return
+        limits = ops.FuzzLimits(self.max_channels, MAX_FEATURES)
+        attrs = form.draw(rng, shape, limits)
+        if attrs is not None:
+            anchor = ops.OPS[op].kind == "anchor"  # only a conv2d or dense layer may name one
+            self.try_add(op, [self.current], attrs, activation if anchor else None)
 
-    def _join(self, op: str, shape: tuple[int, ...]) -> None:
+    def _join(self, op: str, shape: tuple[int, ...],
+              joins: Callable[[tuple[int, ...], tuple[int, ...]], bool]) -> None:
         rng = self.rng
         names = [INPUT, *(layer.name for layer in self.layers)]
-        if op == "add":
-            fits = [name for name in names if self.shape(name) == shape]
-        else:
-            fits = [name for name in names if len(self.shape(name)) == len(shape)
-                    and self.shape(name)[1:] == shape[1:]]
+        fits = [name for name in names if joins(shape, self.shape(name))]
         others = [name for name in fits if name != self.current]
         count = int(rng.integers(1, 3))
         chosen = [str(rng.choice(others or fits)) for _ in range(count)]
@@ -228,14 +154,9 @@ def _draw_weights(rng: np.random.Generator, graph: Graph, scale: float) -> dict[
         params = graph.params(name)
         if not params:
             continue
-        if graph.op(name) == "batchnorm2d":
-            channels = params["weight"].shape
-            values = {"weight": rng.normal(1.0, 0.5, channels),
-                      "bias": rng.normal(0.0, 0.5, channels),
-                      "running_mean": rng.normal(0.0, 1.0, channels),
-                      "running_var": rng.uniform(0.05, 4.0, channels)}
-            if rng.random() < 0.1:
-                values["running_var"] = rng.uniform(0.0, 1e-3, channels)
+        form = ops.OPS[graph.op(name)].fuzz
+        if form is not None and form.params is not None:
+            values = form.params(rng, {key: array.shape for key, array in params.items()})
         else:
             shape = params["weight"].shape
             fan_in = max(1, math.prod(shape[1:]))

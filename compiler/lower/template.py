@@ -1,0 +1,218 @@
+"""The fusion template: a fused group computes, at each output point, producer -> elementwise
+ops -> window -> elementwise ops, and stores the result.
+
+The producer is an anchor op's rule (`anchors.PRODUCERS`) or a load; elementwise ops and
+windows lower by the rules in their specs (`OpSpec.lower`, `OpSpec.window`); ops that stand
+alone use `standalone.KERNELS`. The group's schedule only shapes the loops.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from cnnc import ops
+from cnnc.kernel import (
+    Assign,
+    Buffer,
+    Const,
+    Declare,
+    Expr,
+    For,
+    Kernel,
+    Load,
+    Local,
+    Stmt,
+    Store,
+    Var,
+    all_of,
+)
+from cnnc.lower.anchors import PRODUCERS
+from cnnc.lower.context import KernelContext, guarded, in_range, pairs
+from cnnc.lower.standalone import KERNELS
+
+
+def build(ctx: KernelContext) -> Kernel:
+    """The kernel of the context's group."""
+    group, graph = ctx.group, ctx.graph
+    standalone = KERNELS.get(graph.op(group.producer))
+    body = standalone(ctx) if standalone else pointwise(ctx)
+    ctx.buffers.append(Buffer("out", ctx.layout.floats(graph.shape(group.output)), "output"))
+    ctx.bindings["out"] = group.output
+    return Kernel(group.name, list(group.nodes), ctx.buffers, body, ctx.schedule)
+
+
+def pointwise(ctx: KernelContext) -> list[Stmt]:
+    """Loops over the output points; one iteration computes a register tile of `oc_block`
+    channels (or channel vectors) by `x_block` neighbouring points of a row, each through
+    producer -> elementwise -> window -> elementwise, then stores them."""
+    graph, group, layout, schedule = ctx.graph, ctx.group, ctx.layout, ctx.schedule
+    out_shape = graph.shape(group.output)
+    # In the channel layout a "channel" of the loop is a vector of channels.
+    width = layout.vector(out_shape[0])
+    steps = layout.channel_steps(out_shape[0])
+    anchor = ops.OPS[graph.op(group.producer)].kind == "anchor"
+    block = schedule.oc_block if anchor else 1
+    groups = graph.attrs(group.producer).get("groups", 1)
+    if steps % block or layout.tile_straddles_group(out_shape[0], groups, block):
+        block = 1  # a block must not straddle the end, or a group where a tap serves a tile
+    channels = layout.tile_channels(Var("cb"), block, width)
+    names = ["y", "x"][: len(out_shape) - 1]
+    spatial: list[Expr] = [Var(name) for name in names]
+    across = schedule.x_block if spatial and out_shape[-1] % schedule.x_block == 0 \
+        and _x_block_allowed(ctx) else 1
+    spots = [spatial[:-1] + [spatial[-1] * across + i] for i in range(across)] if spatial \
+        else [[]]
+    outputs, inner = point_values(ctx, channels, spots)
+    for (spot, channel), value in zip(pairs(spots, channels), outputs):
+        inner.append(Store("out", ctx.index(group.output, [channel, *spot]), value))
+    body: list[Stmt] = [For("lane", width, inner, "vectorized", role="lane")]
+    extents = list(out_shape[1:])
+    if extents:
+        extents[-1] //= across
+    for name, extent in reversed(list(zip(names, extents))):
+        body = [For(name, extent, body, role="spatial")]
+    return [For("cb", steps // block, body, role="channel")]
+
+
+def _window_attrs(ctx: KernelContext, window: str) -> dict[str, Any]:
+    """The window's attributes; a whole-image window as the pooling window it is."""
+    if ops.OPS[ctx.graph.op(window)].window.whole_image:  # type: ignore[union-attr]
+        _, height, width = ctx.graph.shape(ctx.graph.operands(window)[0])
+        return {"kernel_size": (height, width), "stride": (1, 1),
+                "padding": ((0, 0), (0, 0)), "count_include_pad": True}
+    return ctx.graph.attrs(window)
+
+
+def _x_block_allowed(ctx: KernelContext) -> bool:
+    """Points of a row share a pooling window's loops only when no window hangs over the edge
+    of the input (else each point would need a check of its own)."""
+    window = ctx.group.window
+    if window is None:
+        return True
+    attrs = _window_attrs(ctx, window)
+    (kh, kw), (sh, sw) = attrs["kernel_size"], attrs["stride"]
+    _, height, width = ctx.graph.shape(ctx.graph.operands(window)[0])
+    out_h, out_w = ctx.graph.shape(window)[1:]
+    return not (any(attrs["padding"][0]) or any(attrs["padding"][1])
+                or (out_h - 1) * sh + kh > height or (out_w - 1) * sw + kw > width)
+
+
+def point_values(ctx: KernelContext, channels: list[Expr], spots: list[list[Expr]]
+                 ) -> tuple[list[Expr], list[Stmt]]:
+    """Statements computing the group's output at `spots` x `channels`, and the values
+    (spot-major)."""
+    group = ctx.group
+    window = group.window
+    split = group.nodes.index(window) if window else len(group.nodes)
+    head, post = group.nodes[:split], group.nodes[split + 1:]
+    stmts: list[Stmt] = []
+    if window is None:
+        values = produce(ctx, head, channels, spots, stmts)
+    else:
+        values = pool(ctx, window, head, channels, spots, stmts)
+    return elementwise(ctx, post, values, channels, spots, stmts), stmts
+
+
+def produce(ctx: KernelContext, nodes: list[str], channels: list[Expr], spots: list[list[Expr]],
+            stmts: list[Stmt]) -> list[Expr]:
+    """The values of the last of `nodes` (a producer and elementwise ops) at the points."""
+    producer = nodes[0]
+    rule = PRODUCERS.get(ctx.graph.op(producer))
+    if rule is not None:
+        values = rule(ctx, producer, channels, spots, stmts)
+        rest = nodes[1:]
+    else:  # an elementwise op reading its first operand
+        source = ctx.graph.operands(producer)[0]
+        values = [Load(ctx.input_buffer(source), ctx.index(source, [channel, *spot]))
+                  for spot, channel in pairs(spots, channels)]
+        rest = nodes
+    return elementwise(ctx, rest, values, channels, spots, stmts)
+
+
+def pool(ctx: KernelContext, window: str, head: list[str], channels: list[Expr],
+         spots: list[list[Expr]], stmts: list[Stmt]) -> list[Expr]:
+    """The window op's reduction over the values `head` computes around each point."""
+    graph = ctx.graph
+    rule = ops.OPS[graph.op(window)].window
+    if rule is None:
+        raise NotImplementedError(f"no window rule for op {graph.op(window)}")
+    source = graph.operands(window)[0]
+    _, height, width = graph.shape(source)
+    attrs = _window_attrs(ctx, window)
+    (kh, kw), (sh, sw) = attrs["kernel_size"], attrs["stride"]
+    (top, _), (left, _) = attrs["padding"]
+    results = [ctx.fresh("pool") for _ in pairs(spots, channels)]
+    for result in results:
+        stmts.append(Declare(result, Const(rule.init)))
+    wy, wx = Var(ctx.fresh("wy")), Var(ctx.fresh("wx"))
+    inner_spots = [[spot[0] * sh + wy - top, spot[1] * sw + wx - left] for spot in spots]
+    inner: list[Stmt] = []
+    if head:
+        values = produce(ctx, head, channels, inner_spots, inner)
+    else:
+        values = [Load(ctx.input_buffer(source), ctx.index(source, [channel, *spot]))
+                  for spot, channel in pairs(inner_spots, channels)]
+    for result, value in zip(results, values):
+        inner.append(Assign(result, rule.combine(Local(result), value)))
+    out_h, out_w = graph.shape(window)[1:]
+    if not _x_block_allowed(ctx):  # then there is one spot: guard it
+        row, col = inner_spots[0]
+        inner = guarded(inner, all_of(in_range(row, height), in_range(col, width)))
+    stmts.append(For(wy.name, kh, [For(wx.name, kw, inner, "serial", role="window")],
+                     "serial", role="window"))
+    if not rule.average:
+        return [Local(result) for result in results]
+    divisor = _avg_divisors(attrs, height, width, out_h, out_w)
+    if np.all(divisor == divisor.flat[0]):
+        return [Local(result) / float(divisor.flat[0]) for result in results]
+    table = ctx.param(divisor.astype(np.float32))
+    return [Local(result) / Load(table, spot[0] * out_w + spot[1])
+            for result, (spot, _) in zip(results, pairs(spots, channels))]
+
+
+def elementwise(ctx: KernelContext, nodes: list[str], values: list[Expr], channels: list[Expr],
+                spots: list[list[Expr]], stmts: list[Stmt]) -> list[Expr]:
+    """Apply the elementwise `nodes` in order, each by its spec's rule over the fused value,
+    its other operands and its per-channel parameters; each result is kept in a local."""
+    graph, group = ctx.graph, ctx.group
+    for node in nodes:
+        spec = ops.OPS[graph.op(node)]
+        if spec.lower is None:
+            raise NotImplementedError(f"no lowering for elementwise op {spec.name}")
+        per_channel = [] if spec.channel_params is None else [
+            ctx.channel_param(values) for values in spec.channel_params(graph.attrs(node),
+                                                                         graph.params(node))]
+        # The operand that is the fused value comes first; the others are loaded.
+        chain = group.nodes[group.nodes.index(node) - 1] if node != group.producer else None
+        operands = graph.operands(node)
+        skip = operands.index(chain) if chain in operands else 0
+        others = [operand for position, operand in enumerate(operands) if position != skip]
+        updated: list[Expr] = []
+        for (spot, channel), value in zip(pairs(spots, channels), values):
+            loaded = [Load(ctx.input_buffer(operand), ctx.index(operand, [channel, *spot]))
+                      for operand in others]
+            result = spec.lower([value, *loaded, *(Load(name, channel) for name in per_channel)])
+            local = ctx.fresh("t")
+            stmts.append(Declare(local, result))
+            updated.append(Local(local))
+        values = updated
+    return values
+
+
+def _avg_divisors(attrs: dict[str, Any], height: int, width: int, out_h: int,
+                  out_w: int) -> np.ndarray:
+    """PyTorch's divisor of each average-pooling window: the window clipped to the padded
+    input (count_include_pad) or to the input itself."""
+    (kh, kw), (sh, sw) = attrs["kernel_size"], attrs["stride"]
+    (top, bottom), (left, right) = attrs["padding"]
+    divisors = np.zeros((out_h, out_w))
+    for oy in range(out_h):
+        for ox in range(out_w):
+            y0, x0 = oy * sh - top, ox * sw - left
+            y1, x1 = min(y0 + kh, height + bottom), min(x0 + kw, width + right)
+            if not attrs["count_include_pad"]:
+                y0, x0, y1, x1 = max(y0, 0), max(x0, 0), min(y1, height), min(x1, width)
+            divisors[oy, ox] = (y1 - y0) * (x1 - x0)
+    return divisors
