@@ -3,7 +3,8 @@
 `cnnc.load(path)` reads a model into an op graph, `cnnc.reference(graph, x)` runs the NumPy
 oracle, and `cnnc.compile(model)` returns a JIT-compiled model called on NumPy arrays (it
 pickles as its recipe). `cnnc.load_library(DIR)` runs an exported library; `cnnc.dask` and
-`cnnc.ray`, imported on first use, map a model over their data (docs/scale-out.md).
+`cnnc.ray`, imported on first use, map a model over their data (docs/scale-out.md);
+`cnnc.optim` holds the optimizers training uses (docs/training.md).
 """
 
 from typing import TYPE_CHECKING, Any
@@ -50,13 +51,14 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """`cnnc.dask` and `cnnc.ray`, imported when first used; `cnnc.CompiledModel`, the LLVM
-    backend's model class, too (`import cnnc` imports no backend)."""
+    """`cnnc.dask`, `cnnc.ray` and `cnnc.optim`, imported when first used;
+    `cnnc.CompiledModel`, the LLVM backend's model class, too (`import cnnc` imports no
+    backend)."""
     if name == "CompiledModel":
         from cnnc.backends.llvm.model import CompiledModel
 
         return CompiledModel
-    if name in ("dask", "ray"):
+    if name in ("dask", "ray", "optim"):
         import importlib
 
         return importlib.import_module(f"cnnc.{name}")

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast, overload
 
 from cnnc import pickling
+from cnnc.errors import ModelError
 from cnnc.frontend import load
 from cnnc.graph import Graph
 from cnnc.lower import lower
 from cnnc.model import Backend, Model, Variant
-from cnnc.passes import Options, memory_of, run_pipeline
+from cnnc.passes import Options, run_pipeline
 from cnnc.schedule_file import read_schedules
 
 if TYPE_CHECKING:
@@ -92,6 +93,7 @@ def compile(  # noqa: A001
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; layouts: {', '.join(LAYOUTS)}")
     graph = model if isinstance(model, Graph) else load(model)
+    check_graph(graph)
     schedules = read_schedules(schedule, model=graph.name)
     # What a pickle of the model carries to rebuild it (cnnc.pickling): the arguments, with
     # the schedules read, so that a worker needs neither the model file nor the tuning log.
@@ -114,9 +116,17 @@ def compile(  # noqa: A001
         if where is not None:
             text = "\n\n".join(kernel.to_text() for kernel in lowered.kernels)
             (where / "99_kernels.txt").write_text(text + "\n")
-        variants.append(Variant(kind, compiled, lowered, memory_of(compiled, variant_options)))
+        variants.append(Variant(kind, compiled, lowered, compiled.plan.memory))
     return pickling.remember(builder.build(graph, variants, options, threads, use_cache),
                              graph, recipe, threads)
+
+
+def check_graph(graph: Graph) -> None:
+    """Refuse a graph that cannot be compiled, before the passes: a model file is checked
+    when it is read, a Graph built in Python only here."""
+    if not graph.outputs:
+        raise ModelError(f"model {graph.name!r} has no outputs: set Graph.outputs to the "
+                         "nodes whose values it returns", file=graph.source)
 
 
 def check_threads(threads: object) -> None:

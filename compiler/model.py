@@ -18,7 +18,7 @@ import numpy as np
 from cnnc.graph import Graph
 from cnnc.lower import LoweredModel
 from cnnc.passes import Options
-from cnnc.passes.plan_memory import MemoryPlan
+from cnnc.plan import MemoryPlan
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Variant:
 
     @property
     def images_per_block(self) -> int:
-        return self.lowered.lanes
+        return self.lowered.images_per_block
 
 
 class Model(Protocol):

@@ -37,6 +37,8 @@ class Group:
 
 @dataclass
 class MemoryPlan:
+    """Where each tensor between kernels lives in one batch block's arena."""
+
     offsets: dict[str, int]  # tensor node -> float offset in the arena
     sizes: dict[str, int]  # tensor node -> floats per block
     floats: int  # arena size in floats, per block
@@ -47,8 +49,42 @@ class MemoryPlan:
 
 @dataclass
 class Plan:
-    """The products of the passes so far; None where the pass that makes one has not run."""
+    """The products of the passes so far. `layout` is None until the layout pass ran; reading
+    `groups` or `memory` before the pass that makes it ran is an error that names the pass."""
 
     layout: Layout | None = None
-    groups: list[Group] | None = None  # in launch order; their schedules are tile's
-    memory: MemoryPlan | None = None
+    _groups: list[Group] | None = None  # in launch order; their schedules are tile's
+    _memory: MemoryPlan | None = None
+
+    @property
+    def has_groups(self) -> bool:
+        return self._groups is not None
+
+    @property
+    def groups(self) -> list[Group]:
+        """The fuse pass's groups, or one per op where it was switched off (`unfused`)."""
+        if self._groups is None:
+            raise ValueError("the graph has no kernel groups yet: run the fuse pass "
+                             "(cnnc.passes.run_pipeline) first")
+        return self._groups
+
+    @groups.setter
+    def groups(self, groups: list[Group]) -> None:
+        self._groups = groups
+
+    @property
+    def has_memory(self) -> bool:
+        return self._memory is not None
+
+    @property
+    def memory(self) -> MemoryPlan:
+        """The plan_memory pass's plan, or one without reuse where it was switched off
+        (`unplanned`)."""
+        if self._memory is None:
+            raise ValueError("the graph has no memory plan yet: run the plan_memory pass "
+                             "(cnnc.passes.run_pipeline) first")
+        return self._memory
+
+    @memory.setter
+    def memory(self, memory: MemoryPlan) -> None:
+        self._memory = memory

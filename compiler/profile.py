@@ -3,6 +3,7 @@ comes to the measured fp32 peak of one core of this machine (`cnnc.target`).
 
 Each kernel is timed alone, on one thread, over the blocks a call would run, after one full
 run has filled every tensor. FLOPs count what the model asks for, not what the code executes.
+It is core, not `cnnc.tools`: `Model.profile` is part of the model protocol (`cnnc.model`).
 """
 
 from __future__ import annotations

@@ -208,8 +208,11 @@ class Importer:
             raise Unsupported(f"input '{node.input[index]}' is a constant where cnnc expects "
                               "a tensor computed from the model input")
         if value.pad is not None and not allow_pad:
-            raise Unsupported(f"it reads the output of Pad node '{value.pad_node}', which "
-                              "cnnc folds only into the padding of a following Conv")
+            # not a Conv that takes the padding in: the Pad becomes a node, once for all
+            padded = self.add(value.pad_node, "pad", [Tensor(value.node, value.shape)],
+                              {"pads": [list(side) for side in value.pad]})
+            self.values[node.input[index]] = padded
+            return padded
         return value
 
     def const(self, node: Any, index: int) -> np.ndarray | None:

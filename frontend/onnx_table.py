@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from cnnc import ops
+from cnnc.frontend.onnx_activations import alpha_handler, clip, gelu, mul, per_channel
 from cnnc.frontend.onnx_ops import Dims, Handler, Importer, Tensor, Unsupported, Value
 from cnnc.util import ceil_div
 
@@ -169,8 +170,8 @@ def add(ctx: Importer, node: Node, label: str) -> list[Value]:
         assert constant is not None
         if _fold_bias(ctx, node, x, constant, 0 if first else 1):
             return [x]
-        raise Unsupported(f"Add of a constant of shape {list(constant.shape)}; cnnc adds a "
-                          "constant only as the bias of a Conv, Gemm or MatMul before it")
+        shift = per_channel(node, x, constant)
+        return [ctx.add(label, "channel_add", [x], {}, {"shift": (shift, None)})]
     raise Unsupported(f"{node.op_type} of constants and tensors")
 
 
@@ -192,14 +193,16 @@ def _fold_bias(ctx: Importer, node: Node, x: Tensor, constant: np.ndarray, index
 
 
 def softmax(ctx: Importer, node: Node, label: str) -> list[Value]:
+    """Softmax and LogSoftmax over axis 1 (before opset 13, over axis 1 and the rest)."""
+    op = "log_softmax" if node.op_type == "LogSoftmax" else "softmax"
     x = ctx.tensor(node, 0)
     rank = len(x.shape) + 1
     axis = int(ctx.attr(node, "axis", 1 if ctx.opset < 13 else -1))
     axis = axis + rank if axis < 0 else axis
     if axis != 1 or (ctx.opset < 13 and math.prod(x.shape[1:]) != 1):
-        raise Unsupported(f"Softmax over axis {axis} of a rank-{rank} tensor; cnnc's softmax "
-                          "is over axis 1")
-    return [ctx.add(label, "softmax", [x], {})]
+        raise Unsupported(f"{node.op_type} over axis {axis} of a rank-{rank} tensor; cnnc's "
+                          f"{op} is over axis 1")
+    return [ctx.add(label, op, [x], {})]
 
 
 def flatten(ctx: Importer, node: Node, label: str) -> list[Value]:
@@ -374,12 +377,17 @@ def pad(ctx: Importer, node: Node, label: str) -> list[Value]:
         value = 0.0 if constant is None or constant.size == 0 else float(constant.reshape(-1)[0])
     if len(node.input) > 3 and node.input[3]:
         raise Unsupported("Pad with axes")
-    if mode != "constant" or value != 0 or pads is None or len(pads) != 8 or len(x.shape) != 3:
-        raise Unsupported(f"Pad (mode {mode}, value {value}, pads {pads}); cnnc folds only a "
-                          "zero Pad of the height and width into a following Conv")
+    if mode != "constant" or pads is None or len(pads) != 8 or len(x.shape) != 3:
+        raise Unsupported(f"Pad (mode {mode}, pads {pads}); cnnc pads the height and width of "
+                          "an image with a constant")
     if any(pads[index] for index in (0, 1, 4, 5)) or min(pads) < 0:
         raise Unsupported(f"Pad with pads {pads}; cnnc pads only the height and width")
-    return [Tensor(x.node, x.shape, ((pads[2], pads[6]), (pads[3], pads[7])), label)]
+    sides = ((pads[2], pads[6]), (pads[3], pads[7]))
+    if value != 0:
+        return [ctx.add(label, "pad", [x], {"pads": [list(side) for side in sides],
+                                            "value": value})]
+    # a following Conv takes it into its padding; anything else reads a pad node
+    return [Tensor(x.node, x.shape, sides, label)]
 
 
 def constant(ctx: Importer, node: Node, label: str) -> list[Value]:
@@ -389,7 +397,8 @@ def constant(ctx: Importer, node: Node, label: str) -> list[Value]:
 def _plain(spec: ops.OpSpec) -> bool:
     """An op read by the generic handler: one tensor in, no attributes, no parameters."""
     return spec.onnx is not None and not spec.attrs and spec.max_inputs == 1 and \
-        not spec.param_shapes({}, [(1, 1, 1)])
+        not spec.param_shapes({}, [(1, 1, 1)]) and spec.onnx.constants is None and \
+        spec.onnx.nodes is None
 
 
 # The registry's plain ops first; a handler of its own (below) takes precedence.
@@ -404,6 +413,15 @@ HANDLERS: dict[str, Handler] = {
     "AveragePool": _pool("avgpool2d"),
     "BatchNormalization": batchnorm,
     "Softmax": softmax,
+    "LogSoftmax": softmax,
+    "LeakyRelu": alpha_handler("leaky_relu", {"alpha": 0.01}),
+    "Elu": alpha_handler("elu", {"alpha": 1.0}),
+    "HardSigmoid": alpha_handler("hardsigmoid", {"alpha": 0.2, "beta": 0.5}),
+    "Clip": clip,
+    "Gelu": gelu,
+    "Mul": mul,
+    "Div": mul,
+    "Sub": mul,
     "Flatten": flatten,
     "Reshape": reshape,
     "Add": add,

@@ -146,7 +146,8 @@ def init_from_seed(seed: int, shapes: ParamShapes) -> dict[str, dict[str, np.nda
                 "running_var": np.ones(channels, np.float32),
             }
             continue
-        bound = 1 / math.sqrt(math.prod(expected["weight"][1:]))
+        # a layer without a weight (channel_mul, channel_add) draws its values in ±1
+        bound = 1 / math.sqrt(math.prod(expected["weight"][1:])) if "weight" in expected else 1
         params[layer] = {
             param: rng.uniform(-bound, bound, shape).astype(np.float32)
             for param, shape in expected.items()

@@ -20,8 +20,8 @@ import pytest
 from conftest import EXAMPLES, GOLDEN
 
 import cnnc
-from cnnc.engines import UnknownEngine
 from cnnc.tools.bench import ProcessTimer, run_bench
+from cnnc.tools.engines import UnknownEngine
 from cnnc.tools.workers import WorkerDied
 
 TINY = GOLDEN / "conv1x1.yaml"

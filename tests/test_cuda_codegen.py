@@ -20,7 +20,7 @@ from cnnc.backends.cuda import codegen, driver_api, nvrtc
 from cnnc.backends.cuda import model as cuda_model
 from cnnc.errors import CompileError, DeviceError
 from cnnc.lower import lower
-from cnnc.passes import Options, groups_of, run_pipeline
+from cnnc.passes import Options, run_pipeline
 
 GOLDEN = Path(__file__).parent / "golden"
 CASES = sorted(path.stem for path in GOLDEN.glob("*.yaml"))
@@ -58,6 +58,18 @@ def test_one_global_function_per_fused_kernel_in_launch_order() -> None:
     assert "pack_input" not in source and "unpack_output" not in source
     assert "kernel pack_input" not in model.source("kernel")
     assert "kernel dense_4(" in model.source("kernel")
+
+
+def test_the_printed_kernels_are_those_after_gpu_binding() -> None:
+    # What the CUDA C is printed from: loops bound to threads, staged buffers marked, and the
+    # one-image lane loop of the CPU layout gone.
+    text = cnnc.compile(LENET, target="cuda-sim").source("kernel")
+    first = text.split("\n\n")[0]
+    assert "// gpu: mapping=block_per_image threads=224 points=196 min_blocks=5" in first
+    assert "kernel conv2d_sigmoid_avgpool2d_0(staged const float in0[784], float out[1176])" \
+        in first
+    assert "for (y = 0; y < 14; y++) {  // gpu_thread" in first
+    assert "for (lane = " not in text
 
 
 def test_each_kernel_names_the_layers_it_came_from() -> None:
@@ -132,14 +144,14 @@ def test_float_literals_are_exact() -> None:
 
 def test_gpu_schedules_come_from_the_tiling_pass() -> None:
     compiled = run_pipeline(cnnc.load(LENET), Options(target="cuda", arch="sm_90"))
-    schedules = {group.name: group.schedule for group in groups_of(compiled)}
+    schedules = {group.name: group.schedule for group in compiled.plan.groups}
     first = schedules["conv2d_sigmoid_avgpool2d_0"]
     assert (first.oc_block, first.gpu_threads, first.gpu_shared_tiles) == (6, 224, True)
     assert schedules["conv2d_sigmoid_avgpool2d_1"].oc_block == 4  # 100 threads per image
     assert schedules["dense_sigmoid_2"].gpu_batch_inner
     # The CPU keeps its own schedules.
     cpu = run_pipeline(cnnc.load(LENET), Options(target="llvm"))
-    assert not any(group.schedule.gpu_shared_tiles for group in groups_of(cpu))
+    assert not any(group.schedule.gpu_shared_tiles for group in cpu.plan.groups)
 
 
 def test_an_architecture_with_less_shared_memory_stages_less() -> None:
@@ -151,7 +163,7 @@ def test_an_architecture_with_less_shared_memory_stages_less() -> None:
     staged = {}
     for arch in ("sm_90", "sm_75"):
         compiled = run_pipeline(graph, Options(target="cuda", arch=arch))
-        staged[arch] = groups_of(compiled)[0].schedule.gpu_shared_tiles
+        staged[arch] = compiled.plan.groups[0].schedule.gpu_shared_tiles
     assert staged == {"sm_90": True, "sm_75": False}
 
 

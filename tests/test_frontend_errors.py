@@ -41,7 +41,8 @@ LAYER_ERRORS = {
         4, "1", None,
         "unknown op 'xyzzy'; expected one of conv2d, dense, maxpool2d, avgpool2d, "
         "global_avgpool2d, batchnorm2d, sigmoid, relu, tanh, softmax, flatten, add, concat, "
-        "linear",
+        "global_maxpool2d, leaky_relu, relu6, clip, hardsigmoid, hardswish, elu, gelu, silu, "
+        "identity, dropout, channel_mul, channel_add, log_softmax, pad, linear",
     ),
     "unknown attribute, with the nearest name": (
         "input: [1, 8, 8]\nlayers:\n  - conv2d:\n      out_channels: 2\n      kernel_sise: 3\n",
@@ -197,7 +198,8 @@ LAYER_ERRORS = {
     "an activation that does not exist": (
         "input: [1, 8, 8]\nlayers:\n  - conv2d:\n      out_channels: 1\n      kernel_size: 3\n"
         "      activation: gelu\n",
-        6, "0", "conv2d", "'activation' must be one of sigmoid, relu, tanh, got 'gelu'",
+        6, "0", "conv2d",
+        "'activation' must be one of sigmoid, relu, tanh, relu6, hardswish, silu, got 'gelu'",
     ),
     "an activation on pooling": (
         "input: [1, 8, 8]\nlayers:\n  - maxpool2d:\n      kernel_size: 2\n      activation: relu\n",
@@ -229,25 +231,26 @@ FILE_ERRORS = {
     "padding with three numbers": (
         "input: [1, 8, 8]\nlayers:\n  - conv2d:\n      out_channels: 1\n      kernel_size: 3\n"
         "      padding: [1, 2, 3]\n",
-        6, "'padding' must be an integer, [ph, pw] or [[top, bottom], [left, right]], "
+        6, "'padding' must be an integer, [ph, pw], [[top, bottom], [left, right]] or \"same\", "
         "got [1, 2, 3]",
     ),
     "padding that mixes forms": (
         "input: [1, 8, 8]\nlayers:\n  - conv2d:\n      out_channels: 1\n      kernel_size: 3\n"
         "      padding: [[1, 2], 3]\n",
-        6, "'padding' must be an integer, [ph, pw] or [[top, bottom], [left, right]], "
+        6, "'padding' must be an integer, [ph, pw], [[top, bottom], [left, right]] or \"same\", "
         "got [[1, 2], 3]",
     ),
     "padding with three sides": (
         "input: [1, 8, 8]\nlayers:\n  - conv2d:\n      out_channels: 1\n      kernel_size: 3\n"
         "      padding: [[1, 2, 3], [0, 0]]\n",
-        6, "'padding' must be an integer, [ph, pw] or [[top, bottom], [left, right]], "
+        6, "'padding' must be an integer, [ph, pw], [[top, bottom], [left, right]] or \"same\", "
         "got [[1, 2, 3], [0, 0]]",
     ),
     "padding as a fraction": (
         "input: [1, 8, 8]\nlayers:\n  - conv2d:\n      out_channels: 1\n      kernel_size: 3\n"
         "      padding: 0.5\n",
-        6, "'padding' must be an integer, [ph, pw] or [[top, bottom], [left, right]], got 0.5",
+        6, "'padding' must be an integer, [ph, pw], [[top, bottom], [left, right]] or \"same\", "
+        "got 0.5",
     ),
 }
 

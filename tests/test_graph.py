@@ -8,7 +8,7 @@ from conftest import EXAMPLES, GOLDEN
 
 import cnnc
 from cnnc import ops
-from cnnc.passes import Options, groups_of, run_pipeline
+from cnnc.passes import Options, run_pipeline
 
 LENET_TEXT = """\
 graph lenet(%input : f32[N,1,28,28]) -> (%11) {
@@ -212,5 +212,15 @@ def test_a_copy_has_a_plan_of_its_own() -> None:
     compiled = run_pipeline(cnnc.load(GOLDEN / "lenet.yaml"), Options())
     other = compiled.copy()
     assert other.plan == compiled.plan
-    groups_of(other)[0].schedule = groups_of(other)[0].schedule.replace(oc_block=1)
-    assert groups_of(compiled)[0].schedule.oc_block == 6
+    other.plan.groups[0].schedule = other.plan.groups[0].schedule.replace(oc_block=1)
+    assert compiled.plan.groups[0].schedule.oc_block == 6
+
+
+@pytest.mark.parametrize("target", ["llvm", "cuda-sim"])
+def test_compiling_a_graph_without_outputs_says_so(target: str) -> None:
+    graph = cnnc.Graph("no_outputs", (1, 4, 4))
+    graph.add("act", "relu", ["input"])
+    with pytest.raises(cnnc.ModelError) as raised:
+        cnnc.compile(graph, target=target, use_cache=False)
+    assert str(raised.value) == "model 'no_outputs' has no outputs: set Graph.outputs to the " \
+        "nodes whose values it returns"

@@ -58,7 +58,7 @@ def test_fused_kernel_never_stores_the_full_convolution_output() -> None:
     first = model.source("kernel").split("kernel conv2d_sigmoid_avgpool2d_0(")[1]
     signature = first.split(")", 1)[0]
     # Its output is the pooled 6x14x14 tensor, not the 6x28x28 convolution.
-    assert f"float out[{6 * 14 * 14 * model.lanes}]" in signature
+    assert f"float out[{6 * 14 * 14 * model.images_per_block}]" in signature
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

@@ -99,7 +99,8 @@ class Views(nn.Module):
 
 
 class Mobile(nn.Module):
-    """Depthwise convolutions (supported) with ReLU6, Hardswish and LeakyReLU (not yet)."""
+    """Depthwise convolutions with ReLU6 (a Clip with constant bounds), Hardswish and
+    LeakyReLU."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -122,7 +123,22 @@ MODELS = {  # name: (module, per-sample input shape)
     "resnet": (ResNet, (3, 8, 8)),
     "nin": (nin, (3, 9, 9)),
     "views": (Views, (2, 6, 6)),
+    "mnist_cnn_log_softmax": (lambda: mnist_cnn(True), (1, 12, 12)),
+    "mobile": (Mobile, (3, 6, 6)),
 }
+
+
+class Unsupported(nn.Module):
+    """Three layers cnnc lacks: a transposed convolution, bilinear resizing and PReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(3, 4, 2, stride=2)
+        self.resize = nn.Upsample(scale_factor=2, mode="bilinear")
+        self.act = nn.PReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.resize(self.up(x)))
 
 
 def export(module: nn.Module, shape: tuple[int, ...], path: Path, exporter: str,
@@ -222,21 +238,23 @@ def test_dropout_shape_chains_and_identities_leave_no_node(
 
 def test_every_unsupported_node_is_named_in_one_error(tmp_path: Path) -> None:
     for exporter in EXPORTERS:
-        path = tmp_path / f"mobile.{exporter}.onnx"
-        export(trained(Mobile()), (3, 6, 6), path, exporter)
+        path = tmp_path / f"unsupported.{exporter}.onnx"
+        export(trained(Unsupported()), (3, 4, 4), path, exporter)
         with pytest.raises(cnnc.ModelError) as caught:
             cnnc.load(path)
         lines = str(caught.value).splitlines()
         assert lines[0] == f"{path}: 3 nodes cannot be compiled:"
-        kinds = sorted(line.split("(")[1].split(")")[0] for line in lines[1:])
-        assert kinds == ["Clip", "HardSwish", "LeakyRelu"]
+        kinds = sorted(line.split("(")[1].split(")")[0].split(",")[0] for line in lines[1:])
+        assert kinds == ["ConvTranspose", "PRelu", "Resize"]
         assert all(line.startswith(f"  {path}: node '") for line in lines[1:])
 
 
-def test_log_softmax_is_named_until_it_is_an_op(tmp_path: Path) -> None:
-    path = tmp_path / "mnist.onnx"
-    export(trained(mnist_cnn(True)), (1, 12, 12), path, "legacy")
-    with pytest.raises(cnnc.ModelError) as caught:
-        cnnc.load(path)
-    assert str(caught.value).startswith(
-        f"{path}: node '/11/LogSoftmax' (LogSoftmax): not supported; cnnc supports Add, ")
+def test_the_new_activations_import_as_their_ops(exported: dict[tuple[str, str], Path]) -> None:
+    for exporter in EXPORTERS:
+        graph = cnnc.load(exported["mobile", exporter])
+        assert [graph.op(node) for node in graph.order()] == [
+            "input", "conv2d", "relu6", "conv2d", "hardswish", "conv2d", "leaky_relu"]
+        leaky = graph.order()[-1]
+        assert graph.attrs(leaky) == {"alpha": pytest.approx(0.1)}
+        graph = cnnc.load(exported["mnist_cnn_log_softmax", exporter])
+        assert graph.op(graph.outputs[0]) == "log_softmax"

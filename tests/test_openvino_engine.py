@@ -10,8 +10,8 @@ from conftest import GOLDEN, TOLERANCE, as_list
 from numpy.testing import assert_allclose
 
 import cnnc
-from cnnc.engines import UnknownEngine, check_engine_names, make_engine
 from cnnc.tools.bench import run_bench
+from cnnc.tools.engines import UnknownEngine, check_engine_names, make_engine
 
 pytest.importorskip("openvino", reason="openvino is not installed (pip install 'cnnc[bench]')")
 pytest.importorskip("onnx", reason="the engine runs the ONNX graph the bench builds")

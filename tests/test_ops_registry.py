@@ -25,7 +25,7 @@ def test_every_op_has_a_lowering_flops_and_its_bench_and_fuzz_forms() -> None:
         assert (spec.window is not None) == (spec.kind == "window"), name
         assert (name in PRODUCERS) == (spec.kind == "anchor"), name
         assert spec.onnx is not None and spec.torch is not None and spec.fuzz is not None, name
-    assert ops.ACTIVATIONS == ("sigmoid", "relu", "tanh")
+    assert ops.ACTIVATIONS == ("sigmoid", "relu", "tanh", "relu6", "hardswish", "silu")
 
 
 def test_flops_come_from_the_specs() -> None:

@@ -14,7 +14,7 @@ import cnnc
 from cnnc import ops
 from cnnc.compare import check_output
 from cnnc.graph import Graph
-from cnnc.passes import PIPELINE, Options, describe, groups_of, memory_of, run_pipeline
+from cnnc.passes import PIPELINE, Options, describe, run_pipeline
 from cnnc.passes.fuse import fuse
 from cnnc.passes.plan_memory import unplanned
 
@@ -161,7 +161,7 @@ layout: batch, [C][H][W][16]"""
 def test_fuse_switched_off_in_the_options_is_one_kernel_per_op_but_views() -> None:
     options = Options(fuse=False)
     fused = PASSES["fuse"](before("fuse", small_net(), options), options)
-    assert [(group.name, group.nodes) for group in groups_of(fused)] == [
+    assert [(group.name, group.nodes) for group in fused.plan.groups] == [
         ("conv2d_0", ["conv"]), ("relu_1", ["relu"]), ("maxpool2d_2", ["pool"]),
         ("dense_3", ["fc"]), ("softmax_4", ["prob"])]
 
@@ -194,7 +194,7 @@ def test_fuse_launches_each_kernel_after_the_kernels_it_reads() -> None:
     add(graph, "y", "add", ["r", "t"])
     graph.outputs = ["y"]
     fused = fuse(before("fuse", graph), Options())
-    assert [(group.name, group.nodes) for group in groups_of(fused)] == [
+    assert [(group.name, group.nodes) for group in fused.plan.groups] == [
         ("conv2d_0", ["conv"]), ("sigmoid_tanh_1", ["s", "t"]), ("relu_add_2", ["r", "y"])]
 
 
@@ -229,12 +229,12 @@ def test_tile_prints_the_schedules_it_picks() -> None:
 ])
 def test_tile_picks_per_layout_and_target(options: Options, schedules: list[str]) -> None:
     tiled = PASSES["tile"](before("tile", small_net(), options), options)
-    assert [group.schedule.describe() for group in groups_of(tiled)] == schedules
+    assert [group.schedule.describe() for group in tiled.plan.groups] == schedules
 
 
 def test_tile_on_lenet() -> None:
     tiled = PASSES["tile"](before("tile", cnnc.load(GOLDEN / "lenet.yaml")), Options())
-    assert [(group.name, group.schedule.oc_block) for group in groups_of(tiled)] == [
+    assert [(group.name, group.schedule.oc_block) for group in tiled.plan.groups] == [
         ("conv2d_sigmoid_avgpool2d_0", 6), ("conv2d_sigmoid_avgpool2d_1", 8),
         ("dense_sigmoid_2", 8), ("dense_sigmoid_3", 7), ("dense_4", 5)]
 
@@ -266,25 +266,25 @@ memory: 7296 bytes per batch block
 def test_a_switched_off_pass_leaves_the_plain_choice_in_the_plan() -> None:
     graph = small_net()
     plain = run_pipeline(graph, Options(), disabled=("fuse", "plan_memory"))
-    assert [group.name for group in groups_of(plain)] == [
+    assert [group.name for group in plain.plan.groups] == [
         "conv2d_0", "relu_1", "maxpool2d_2", "dense_3", "softmax_4"]
     reference = unplanned(run_pipeline(graph, Options(), disabled=("fuse",)), Options())
-    assert memory_of(plain, Options()) == reference.plan.memory
+    assert plain.plan.memory == reference.plan.memory
     # Reading the plan changes nothing.
     text = describe(plain)
-    assert groups_of(plain) is plain.plan.groups and describe(plain) == text
+    assert plain.plan.groups is plain.plan.groups and describe(plain) == text
 
 
 def test_reading_a_product_before_its_pass_ran_says_so() -> None:
     graph = small_net()
-    with pytest.raises(ValueError, match="graph 'small' has no kernel groups yet"):
-        groups_of(graph)
-    with pytest.raises(ValueError, match="graph 'small' has no memory plan yet"):
-        memory_of(graph, Options())
-    assert graph.plan.groups is None and graph.plan.memory is None
+    with pytest.raises(ValueError, match="the graph has no kernel groups yet: run the fuse pass"):
+        _ = graph.plan.groups
+    with pytest.raises(ValueError, match="the graph has no memory plan yet: run the plan_memory"):
+        _ = graph.plan.memory
+    assert not graph.plan.has_groups and not graph.plan.has_memory
 
 
 def test_lenet_becomes_five_kernels_in_125440_bytes_per_block() -> None:
     compiled = run_pipeline(cnnc.load(GOLDEN / "lenet.yaml"), Options())
-    assert len(groups_of(compiled)) == 5
-    assert memory_of(compiled, Options()).bytes_per_block() == 125440
+    assert len(compiled.plan.groups) == 5
+    assert compiled.plan.memory.bytes_per_block() == 125440

@@ -15,7 +15,6 @@ from numpy.testing import assert_allclose
 
 import cnnc
 from cnnc.kernel import Schedule
-from cnnc.passes.fuse import groups_of
 from cnnc.schedule_file import ScheduleWarning
 
 LENET = GOLDEN / "lenet.yaml"
@@ -97,7 +96,7 @@ def test_records_tuned_for_another_model_are_skipped_with_a_warning(tmp_path: Pa
     with pytest.warns(ScheduleWarning, match="record was tuned for model 'resnet8', not "
                                              "'lenet'; ignored"):
         model = cnnc.compile(LENET, schedule=path)
-    assert groups_of(model.variants[0].graph)[4].schedule.oc_block == 5  # the heuristic's
+    assert model.variants[0].graph.plan.groups[4].schedule.oc_block == 5  # the heuristic's
     path.write_text(json.dumps({**record, "kernel": "dense_9"}) + "\n")  # no model: older file
     with pytest.warns(ScheduleWarning, match="kernel 'dense_9' is not in model 'lenet' \\(the "
                                              "record was tuned for another model\\); ignored"):
@@ -110,7 +109,7 @@ def test_retired_fields_still_load_and_say_they_are_ignored(tmp_path: Path) -> N
     with pytest.warns(ScheduleWarning, match="kernel 'dense_4': 'lanes' is no longer a "
                                              "schedule field"):
         model = cnnc.compile(LENET, schedule=path)
-    assert groups_of(model.variants[0].graph)[4].schedule.oc_block == 2
+    assert model.variants[0].graph.plan.groups[4].schedule.oc_block == 2
 
 
 def test_the_schedule_has_only_fields_that_are_read() -> None:

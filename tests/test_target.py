@@ -17,7 +17,7 @@ from conftest import one_op_graph
 import cnnc.backends.cuda as cuda
 import cnnc.passes.tile as tile
 from cnnc import target
-from cnnc.passes import Options, groups_of, run_pipeline
+from cnnc.passes import Options, run_pipeline
 
 
 def test_the_peak_is_measured_once_then_cached(tmp_path: Path,
@@ -94,7 +94,7 @@ def test_the_tiling_pass_fills_the_target_registers() -> None:
     blocks = {}
     for name, isa in (("avx512", target.CpuIsa(16, 32)), ("avx2", target.CpuIsa(8, 16))):
         compiled = run_pipeline(graph, Options(target="llvm", cpu=isa))
-        blocks[name] = groups_of(compiled)[0].schedule.oc_block
+        blocks[name] = compiled.plan.groups[0].schedule.oc_block
     assert blocks == {"avx512": 8, "avx2": 4}
     # The channel layout's channels x points tile: 16 channels are one AVX-512 vector, so
     # all 6 points of a row share its weights (6 <= 14); AVX2's two vectors of 8 leave room
@@ -102,6 +102,6 @@ def test_the_tiling_pass_fills_the_target_registers() -> None:
     tiles = {}
     for name, isa in (("avx512", target.CpuIsa(16, 32)), ("avx2", target.CpuIsa(8, 16))):
         compiled = run_pipeline(graph, Options(target="llvm", layout="channel", cpu=isa))
-        schedule = groups_of(compiled)[0].schedule
+        schedule = compiled.plan.groups[0].schedule
         tiles[name] = (schedule.oc_block, schedule.x_block)
     assert tiles == {"avx512": (1, 6), "avx2": (2, 3)}

@@ -11,7 +11,6 @@ from conftest import GOLDEN
 from numpy.testing import assert_allclose
 
 import cnnc
-from cnnc.passes.fuse import groups_of
 from cnnc.tools.bench import run_bench
 from cnnc.tools.tune import candidates, tune
 
@@ -25,7 +24,7 @@ def test_tuned_schedules_replay_without_measuring(tmp_path: Path) -> None:
                             for record in records))
     model = cnnc.compile(graph, schedule=path)
     for variant in model.variants:
-        for group in groups_of(variant.graph):
+        for group in variant.graph.plan.groups:
             (record,) = [r for r in records if r.layout == variant.layout
                          and r.kernel == group.name]
             for field, value in record.schedule.items():
@@ -37,7 +36,7 @@ def test_tuned_schedules_replay_without_measuring(tmp_path: Path) -> None:
 def test_records_for_another_cpu_are_not_applied(tmp_path: Path) -> None:
     graph = cnnc.load(GOLDEN / "lenet.yaml")
     model = cnnc.compile(graph)
-    group = groups_of(model.variants[0].graph)[1]
+    group = model.variants[0].graph.plan.groups[1]
     from cnnc.passes.tile import signature
 
     record = {"signature": signature(model.variants[0].graph, group, "batch"),
@@ -45,10 +44,10 @@ def test_records_for_another_cpu_are_not_applied(tmp_path: Path) -> None:
               "schedule": {"oc_block": 2}}
     path = tmp_path / "s.jsonl"
     path.write_text(json.dumps({**record, "cpu": "some-other-cpu"}) + "\n")
-    assert groups_of(cnnc.compile(graph, schedule=path).variants[0].graph)[1].schedule \
+    assert cnnc.compile(graph, schedule=path).variants[0].graph.plan.groups[1].schedule \
         .oc_block == group.schedule.oc_block
     path.write_text(json.dumps({**record, "cpu": cnnc.driver._host_cpu()}) + "\n")
-    assert groups_of(cnnc.compile(graph, schedule=path).variants[0].graph)[1].schedule \
+    assert cnnc.compile(graph, schedule=path).variants[0].graph.plan.groups[1].schedule \
         .oc_block == 2
 
 

@@ -11,8 +11,8 @@ from cnnc.backends.cuda.model import EXPORT_KINDS, CudaModel
 from cnnc.graph import Graph
 from cnnc.lower import LoweredModel
 from cnnc.model import Model, Variant
-from cnnc.passes import Options, groups_of
-from cnnc.passes.plan_memory import MemoryPlan
+from cnnc.passes import Options
+from cnnc.plan import MemoryPlan
 from cnnc.target import DEFAULT_GPU_ARCH, gpu_arch
 
 
@@ -52,7 +52,7 @@ def compile_cuda(graph: Graph, compiled: Graph, lowered: LoweredModel, memory: M
     access out of bounds raises BoundsError on cuda-sim and stops the kernel on a GPU."""
     if options.target not in ("cuda", "cuda-sim"):
         raise ValueError(f"the CUDA backend does not compile for target {options.target!r}")
-    kernels = [group.name for group in groups_of(compiled)]
+    kernels = [group.name for group in compiled.plan.groups]
     return CudaModel(graph, kernels, lowered, memory, options.target,
                      resolve_arch(options.arch), options.fast_math, use_cache,
                      check_bounds=options.check_bounds)

@@ -138,7 +138,8 @@ class KernelLaunch:
 
 @dataclass
 class CudaProgram:
-    """The generated source and what a host needs to run it."""
+    """The generated source, what a host needs to run it, and the GPU-bound kernels that the
+    source was printed from."""
 
     name: str  # a C identifier: the file stem and the module's prefix
     source: str
@@ -146,6 +147,7 @@ class CudaProgram:
     parameters: list[Parameter]
     fast_math: bool
     check_bounds: bool = False
+    kernels: list[Kernel] = field(default_factory=list)  # after gpu_bind, in launch order
 
 
 def comment_text(name: str) -> str:
@@ -161,8 +163,9 @@ def generate(lowered: LoweredModel, name: str, arch: str, fast_math: bool = Fals
              check_bounds: bool = False) -> CudaProgram:
     """The CUDA C of every compute kernel of `lowered` (the edge kernels become copies).
     With `check_bounds`, every load and store checks its index (see BOUNDS_HELPER)."""
-    if lowered.lanes != 1:
-        raise ValueError(f"the CUDA backend needs the one-lane layout, got {lowered.lanes} lanes")
+    if lowered.images_per_block != 1:
+        raise ValueError("the CUDA backend needs one image per batch block, got "
+                         f"{lowered.images_per_block}")
     limits = gpu_arch(arch)
     kernels = [_bound(kernel, limits) for kernel in lowered.kernels if not kernel.uses_batch]
     parameters = _place_parameters(kernels)
@@ -193,7 +196,7 @@ def generate(lowered: LoweredModel, name: str, arch: str, fast_math: bool = Fals
         lines.append(MAX_HELPER)
     lines += body
     return CudaProgram(name, "\n".join(lines) + "\n", launches, parameters, fast_math,
-                       check_bounds)
+                       check_bounds, kernels)
 
 
 def _bound(kernel: Kernel, limits: GpuArch) -> Kernel:

@@ -40,7 +40,7 @@ from cnnc.errors import CnncError, DeviceError, InputError
 from cnnc.graph import Graph
 from cnnc.lower import LoweredModel
 from cnnc.model import c_name, check_emit
-from cnnc.passes.plan_memory import MemoryPlan
+from cnnc.plan import MemoryPlan
 from cnnc.reference import check_input, output_bytes
 from cnnc.version import __version__
 
@@ -346,12 +346,11 @@ class CudaModel:
 
     def source(self, kind: str = "cuda") -> str:
         """The generated code: "cuda" (CUDA C), "kernel" (the loop IR of the kernels it was
-        generated from) or "ptx" (compiled with NVRTC)."""
+        printed from, after GPU binding) or "ptx" (compiled with NVRTC)."""
         if kind == "cuda":
             return self.program.source
         if kind == "kernel":
-            return "\n\n".join(kernel.to_text() for kernel in self.lowered.kernels
-                               if not kernel.uses_batch) + "\n"
+            return "\n\n".join(kernel.to_text() for kernel in self.program.kernels) + "\n"
         if kind == "ptx":
             return self.binary().ptx
         raise ValueError(f"unknown source kind {kind!r}; kinds: {', '.join(SOURCE_KINDS)}")

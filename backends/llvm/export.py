@@ -39,7 +39,7 @@ def write(model: LlvmModel, directory: str | Path, emit: Sequence[str] | None = 
     module = jit.build_module(name, model._jit_variants)
     arena = max(variant.memory.floats for variant in model.variants)
     runners = [(runner_symbol(variant), variant.images_per_block,
-                0 if variant is model.variant_for(0) else model.lanes)
+                0 if variant is model.variant_for(0) else model.images_per_block)
                for variant in sorted(model.variants, key=lambda v: -v.images_per_block)]
     module.add_forward(name, arena, runners)
     text = module.text()

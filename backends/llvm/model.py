@@ -22,7 +22,6 @@ from cnnc.backends.llvm import abi
 from cnnc.errors import BoundsError, CompileError, InputError
 from cnnc.graph import Graph
 from cnnc.model import Variant, c_name
-from cnnc.passes import groups_of
 from cnnc.reference import CHECKED_BYTES, check_input, check_memory
 from cnnc.util import ceil_div
 from cnnc.version import __version__
@@ -74,9 +73,9 @@ class LlvmModel:
         primary = variants[0]
         self.lowered = primary.lowered
         self.memory = primary.memory
-        self.lanes = primary.images_per_block
+        self.images_per_block = primary.images_per_block
         self.threads = max(1, threads or runtime.cpus())
-        self.kernels = [group.name for group in groups_of(primary.graph)]
+        self.kernels = [group.name for group in primary.graph.plan.groups]
         self.output_shapes = [graph.shape(name) for name in graph.outputs]
         self._jit_variants = [jit.Variant(runner_symbol(variant), variant.lowered,
                                           variant.memory.offsets) for variant in variants]
@@ -128,7 +127,7 @@ class LlvmModel:
         """The variant a call with `batch` images uses: one image per block below a full
         batch block, when the channel layout was compiled."""
         small = [variant for variant in self.variants if variant.images_per_block == 1]
-        if small and batch < self.lanes:
+        if small and batch < self.images_per_block:
             return small[0]
         return self.variants[0]
 
@@ -153,7 +152,7 @@ class LlvmModel:
             else:
                 slots = np.array([x.ctypes.data, output.ctypes.data], np.int64)
                 x_slot, y_slot = slots.ctypes.data, slots.ctypes.data + 8
-            plan = self._small if batch < self.lanes else self._large
+            plan = self._small if batch < self.images_per_block else self._large
             blocks = ceil_div(batch, plan.images_per_block)
             if blocks == 1 or self._pool is None:
                 self._run(plan, x_slot, y_slot, batch, 0, blocks)

@@ -18,7 +18,7 @@ from cnnc.layouts import BatchLayout, Layout
 from cnnc.lower.context import KernelContext
 from cnnc.lower.edges import pack_input, unpack_output
 from cnnc.lower.template import build
-from cnnc.passes.fuse import groups_of, tensor_of
+from cnnc.passes.fuse import tensor_of
 from cnnc.passes.layout import layout_of
 from cnnc.verify import verify, verifying
 
@@ -36,11 +36,6 @@ class LoweredModel:
     output_offsets: list[int] = field(default_factory=list)  # per output, floats per sample
     layout: Layout = field(default_factory=lambda: BatchLayout(1))
 
-    @property
-    def lanes(self) -> int:
-        """The old name of `images_per_block`, for readers not yet renamed."""
-        return self.images_per_block
-
 
 def lower(graph: Graph) -> LoweredModel:
     layout = layout_of(graph)
@@ -48,7 +43,7 @@ def lower(graph: Graph) -> LoweredModel:
     pack = pack_input(graph, layout)
     model.kernels.append(pack)
     model.bindings[pack.name] = {"x": USER_INPUT, "packed": INPUT}
-    for group in groups_of(graph):
+    for group in graph.plan.groups:
         context = KernelContext(graph, group, layout)
         kernel = build(context)
         model.kernels.append(kernel)

@@ -10,7 +10,8 @@ import numpy as np
 from cnnc.graph import Graph
 from cnnc.kernel import Bin, Buffer, Const, Expr, If, LoopKind, Stmt, less
 from cnnc.layouts import Layout
-from cnnc.passes.fuse import Group, tensor_of
+from cnnc.passes.fuse import tensor_of
+from cnnc.plan import Group
 
 
 class KernelContext:

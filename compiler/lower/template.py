@@ -193,7 +193,9 @@ def elementwise(ctx: KernelContext, nodes: list[str], values: list[Expr], channe
         for (spot, channel), value in zip(pairs(spots, channels), values):
             loaded = [Load(ctx.input_buffer(operand), ctx.index(operand, [channel, *spot]))
                       for operand in others]
-            result = spec.lower([value, *loaded, *(Load(name, channel) for name in per_channel)])
+            operands = [value, *loaded, *(Load(name, channel) for name in per_channel)]
+            result = spec.lower(operands, graph.attrs(node)) if spec.lower_attrs \
+                else spec.lower(operands)
             local = ctx.fresh("t")
             stmts.append(Declare(local, result))
             updated.append(Local(local))

@@ -6,7 +6,7 @@ profile, the bench engines and the fuzzer derive their tables from it.
 
 from __future__ import annotations
 
-from cnnc.ops import conv, dense, elementwise, pool, shape
+from cnnc.ops import activation, conv, dense, elementwise, pool, shape
 from cnnc.ops.elementwise import batchnorm_scale_shift
 from cnnc.ops.spec import (
     REQUIRED,
@@ -28,7 +28,7 @@ from cnnc.ops.spec import (
 # The order is the one error messages list the ops in.
 _ORDER = ("conv2d", "dense", "maxpool2d", "avgpool2d", "global_avgpool2d", "batchnorm2d",
           "sigmoid", "relu", "tanh", "softmax", "flatten", "add", "concat")
-_SPECS = {spec.name: spec for family in (conv, dense, pool, elementwise, shape)
+_SPECS = {spec.name: spec for family in (conv, dense, pool, elementwise, activation, shape)
           for spec in family.SPECS}
 OPS: dict[str, OpSpec] = {
     **{name: _SPECS[name] for name in _ORDER if name in _SPECS},

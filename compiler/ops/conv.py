@@ -12,6 +12,7 @@ from cnnc.ops.spec import (
     Attrs,
     FuzzForm,
     FuzzLimits,
+    GradientRule,
     OnnxForm,
     OpSpec,
     Params,
@@ -28,8 +29,24 @@ from cnnc.ops.spec import (
 KERNEL = Attr("kernel_size", "pair", help="an integer or [kh, kw]")
 
 
+def resolve_same(attrs: Attrs, height: int, width: int) -> None:
+    """Replace `padding: same` by the pads it stands for, in place: ONNX's SAME_UPPER (the
+    output is ceil(input / stride); the odd pad goes after), which for stride 1 is PyTorch's
+    padding="same". The shape rule calls it, so the graph keeps explicit pads."""
+    if attrs.get("padding") != "same":
+        return
+    (kh, kw), (sh, sw) = attrs["kernel_size"], attrs["stride"]
+    dh, dw = attrs.get("dilation", (1, 1))
+    sides = []
+    for size, kernel, stride, dilation in ((height, kh, sh, dh), (width, kw, sw, dw)):
+        total = max(0, (-(-size // stride) - 1) * stride + (kernel - 1) * dilation + 1 - size)
+        sides.append((total // 2, total - total // 2))
+    attrs["padding"] = tuple(sides)
+
+
 def _infer(attrs: Attrs, shapes: list[Shape]) -> Shape:
     channels, height, width = need_image(shapes[0])
+    resolve_same(attrs, height, width)
     groups, out = attrs["groups"], attrs["out_channels"]
     if channels % groups:
         raise ShapeError(f"input channels ({channels}) are not divisible by groups ({groups})")
@@ -80,6 +97,40 @@ def conv2d_reference(attrs: Attrs, params: Params, xs: list[np.ndarray]) -> np.n
     if "bias" in params:
         out += params["bias"].astype(np.float64)[None, :, None, None]
     return out
+
+
+def conv2d_vjp(attrs: Attrs, params: Params, xs: list[np.ndarray], out: np.ndarray,
+               grad_out: np.ndarray) -> tuple[list[np.ndarray], Params]:
+    """The transpose of `conv2d_reference`, tap by tap: each tap's product-sum sends the
+    output's gradient back to the strided view it read and to that tap of the weight."""
+    x = xs[0]
+    weight = params["weight"].astype(np.float64)
+    batch, channels, height, width = x.shape
+    groups = attrs["groups"]
+    out_channels, _, kh, kw = weight.shape
+    (sh, sw), (dh, dw) = attrs["stride"], attrs["dilation"]
+    (top, _), (left, _) = attrs["padding"]
+    oh, ow = grad_out.shape[2:]
+    padded = np.pad(x, ((0, 0), (0, 0), *attrs["padding"]))
+    padded = padded.reshape(batch, groups, channels // groups, *padded.shape[2:])
+    weight = weight.reshape(groups, out_channels // groups, channels // groups, kh, kw)
+    grad = grad_out.reshape(batch, groups, out_channels // groups, oh, ow)
+    grad_padded = np.zeros_like(padded)
+    grad_weight = np.zeros_like(weight)
+    for ky in range(kh):
+        for kx in range(kw):
+            rows = slice(ky * dh, ky * dh + sh * (oh - 1) + 1, sh)
+            cols = slice(kx * dw, kx * dw + sw * (ow - 1) + 1, sw)
+            grad_padded[:, :, :, rows, cols] += np.einsum("ngohw,goc->ngchw", grad,
+                                                          weight[:, :, :, ky, kx])
+            grad_weight[:, :, :, ky, kx] = np.einsum("ngchw,ngohw->goc",
+                                                     padded[:, :, :, rows, cols], grad)
+    grad_x = grad_padded.reshape(batch, channels, *padded.shape[3:])
+    grad_x = grad_x[:, :, top : top + height, left : left + width]
+    grads: Params = {"weight": grad_weight.reshape(params["weight"].shape)}
+    if "bias" in params:
+        grads["bias"] = grad_out.sum(axis=(0, 2, 3))
+    return [grad_x], grads
 
 
 def _flops(attrs: Attrs, shapes: list[Shape], out: Shape) -> int:
@@ -133,5 +184,6 @@ SPECS = (
                                              "group": attrs["groups"], **onnx_window(attrs)},
                       params=("weight", "bias")),
         torch=_torch, fuzz=FuzzForm(image=5.0, draw=_draw),
+        gradient=GradientRule(conv2d_vjp),
     ),
 )

@@ -12,6 +12,7 @@ from cnnc.ops.spec import (
     Attrs,
     FuzzForm,
     FuzzLimits,
+    GradientRule,
     OnnxForm,
     OpSpec,
     Params,
@@ -43,6 +44,15 @@ def dense_reference(attrs: Attrs, params: Params, xs: list[np.ndarray]) -> np.nd
     return out
 
 
+def dense_vjp(attrs: Attrs, params: Params, xs: list[np.ndarray], out: np.ndarray,
+              grad_out: np.ndarray) -> tuple[list[np.ndarray], Params]:
+    weight = params["weight"].astype(np.float64)
+    grads: Params = {"weight": grad_out.T @ xs[0]}
+    if "bias" in params:
+        grads["bias"] = grad_out.sum(axis=0)
+    return [grad_out @ weight], grads
+
+
 def _torch(torch: Any, attrs: Attrs, params: dict[str, Any], xs: list[Any]) -> Any:
     return torch.nn.functional.linear(xs[0], params["weight"], params["bias"])
 
@@ -65,5 +75,6 @@ SPECS = (
         flops=lambda attrs, shapes, out: 2 * math.prod(out) * shapes[0][0],
         onnx=OnnxForm("Gemm", lambda attrs: {"transB": 1}, params=("weight", "bias")),
         torch=_torch, fuzz=FuzzForm(flat=5.0, draw=_draw),
+        gradient=GradientRule(dense_vjp),
     ),
 )

@@ -21,6 +21,7 @@ from cnnc.ops.spec import (
     Attrs,
     FuzzForm,
     FuzzLimits,
+    GradientRule,
     OnnxForm,
     OpSpec,
     Params,
@@ -46,6 +47,78 @@ def batchnorm_scale_shift(attrs: Attrs, params: Params) -> tuple[np.ndarray, np.
 def batchnorm_reference(attrs: Attrs, params: Params, xs: list[np.ndarray]) -> np.ndarray:
     scale, shift = batchnorm_scale_shift(attrs, params)
     return xs[0] * scale[None, :, None, None] + shift[None, :, None, None]
+
+
+BATCHNORM_MOMENTUM = 0.1  # PyTorch's default; the model format has no attribute for it yet
+_CHANNELS = (0, 2, 3)  # the axes batch statistics reduce over
+
+
+def _per_channel(values: np.ndarray) -> np.ndarray:
+    return values[None, :, None, None]
+
+
+def _batch_statistics(x: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The batch's mean and biased variance per channel, and x normalised by them."""
+    if x.size // x.shape[1] < 2:
+        raise ShapeError("batchnorm2d in training mode needs more than one value per channel")
+    mean, var = x.mean(axis=_CHANNELS), x.var(axis=_CHANNELS)
+    return mean, var, (x - _per_channel(mean)) / _per_channel(np.sqrt(var + eps))
+
+
+def batchnorm_training_forward(attrs: Attrs, params: Params, xs: list[np.ndarray]
+                               ) -> tuple[np.ndarray, Params]:
+    """Batch norm over the batch's statistics, and the running statistics it leaves:
+    PyTorch's momentum update, with the unbiased variance."""
+    p = {name: value.astype(np.float64) for name, value in params.items()}
+    mean, var, normalised = _batch_statistics(xs[0], attrs["eps"])
+    count = xs[0].size // xs[0].shape[1]
+    momentum = attrs.get("momentum", BATCHNORM_MOMENTUM)
+    out = normalised * _per_channel(p["weight"]) + _per_channel(p["bias"])
+    return out, {
+        "running_mean": (1 - momentum) * p["running_mean"] + momentum * mean,
+        "running_var": (1 - momentum) * p["running_var"] + momentum * var * count / (count - 1),
+    }
+
+
+def batchnorm_training_vjp(attrs: Attrs, params: Params, xs: list[np.ndarray], out: np.ndarray,
+                           grad_out: np.ndarray) -> tuple[list[np.ndarray], Params]:
+    """The gradient through the batch statistics too: every value of a channel moves its
+    mean and variance."""
+    _, var, normalised = _batch_statistics(xs[0], attrs["eps"])
+    count = xs[0].size // xs[0].shape[1]
+    grad_bias = grad_out.sum(axis=_CHANNELS)
+    grad_weight = (grad_out * normalised).sum(axis=_CHANNELS)
+    scale = params["weight"].astype(np.float64) / np.sqrt(var + attrs["eps"])
+    grad_x = _per_channel(scale) * (grad_out - _per_channel(grad_bias / count)
+                                    - normalised * _per_channel(grad_weight / count))
+    return [grad_x], {"weight": grad_weight, "bias": grad_bias}
+
+
+def batchnorm_vjp(attrs: Attrs, params: Params, xs: list[np.ndarray], out: np.ndarray,
+                  grad_out: np.ndarray) -> tuple[list[np.ndarray], Params]:
+    """Eval mode: an affine map per channel over the running statistics."""
+    scale, _ = batchnorm_scale_shift(attrs, params)
+    std = np.sqrt(params["running_var"].astype(np.float64) + attrs["eps"])
+    normalised = (xs[0] - _per_channel(params["running_mean"].astype(np.float64))) \
+        / _per_channel(std)
+    return [grad_out * _per_channel(scale)], {
+        "weight": (grad_out * normalised).sum(axis=_CHANNELS),
+        "bias": grad_out.sum(axis=_CHANNELS)}
+
+
+def pointwise_gradient(derivative: Callable[[np.ndarray, np.ndarray], np.ndarray]
+                       ) -> GradientRule:
+    """The rule of a one-input elementwise op from its derivative at (input, output)."""
+    def vjp(attrs: Attrs, params: Params, xs: list[np.ndarray], out: np.ndarray,
+            grad_out: np.ndarray) -> tuple[list[np.ndarray], Params]:
+        return [grad_out * derivative(xs[0], out)], {}
+
+    return GradientRule(vjp)
+
+
+def _add_vjp(attrs: Attrs, params: Params, xs: list[np.ndarray], out: np.ndarray,
+             grad_out: np.ndarray) -> tuple[list[np.ndarray], Params]:
+    return [grad_out.copy() for _ in xs], {}
 
 
 def _image_only(attrs: Attrs, shapes: list[Shape]) -> Shape:
@@ -115,24 +188,29 @@ SPECS = (
                       params=("weight", "bias", "running_mean", "running_var")),
         torch=_torch_batchnorm,
         fuzz=FuzzForm(image=1.2, draw=_draw_batchnorm, params=_draw_batchnorm_params),
+        gradient=GradientRule(batchnorm_vjp, batchnorm_training_forward, batchnorm_training_vjp,
+                              buffers=("running_mean", "running_var")),
     ),
     OpSpec(
         "sigmoid", "elementwise", compute=lambda attrs, params, xs: _sigmoid(xs[0]),
         activation=True, lower=_lower_sigmoid, flops=_per_element_times(4),
         onnx=OnnxForm("Sigmoid"), torch=lambda torch, attrs, params, xs: torch.sigmoid(xs[0]),
         fuzz=FuzzForm(image=0.8, flat=0.8),
+        gradient=pointwise_gradient(lambda x, out: out * (1 - out)),
     ),
     OpSpec(
         "relu", "elementwise", compute=lambda attrs, params, xs: np.maximum(xs[0], 0),
         activation=True, lower=lambda xs: maximum(xs[0], Const(0.0)),
         onnx=OnnxForm("Relu"), torch=lambda torch, attrs, params, xs: torch.relu(xs[0]),
         fuzz=FuzzForm(image=0.8, flat=0.8),
+        gradient=pointwise_gradient(lambda x, out: (x > 0).astype(np.float64)),
     ),
     OpSpec(
         "tanh", "elementwise", compute=lambda attrs, params, xs: np.tanh(xs[0]),
         activation=True, lower=_lower_tanh, flops=_per_element_times(4),
         onnx=OnnxForm("Tanh"), torch=lambda torch, attrs, params, xs: torch.tanh(xs[0]),
         fuzz=FuzzForm(image=0.8, flat=0.8),
+        gradient=pointwise_gradient(lambda x, out: 1 - out**2),
     ),
     OpSpec(
         "add", "elementwise", min_inputs=2, max_inputs=64, infer=_same_shapes,
@@ -141,5 +219,6 @@ SPECS = (
         onnx=OnnxForm("Add", many="Sum"),
         torch=lambda torch, attrs, params, xs: sum(xs[1:], xs[0]),
         fuzz=FuzzForm(image=1.3, flat=1.0, joins=lambda shape, other: other == shape),
+        gradient=GradientRule(_add_vjp),
     ),
 )

@@ -12,12 +12,13 @@ from typing import Any
 import numpy as np
 
 from cnnc.kernel import Expr, maximum
-from cnnc.ops.conv import KERNEL
+from cnnc.ops.conv import KERNEL, resolve_same
 from cnnc.ops.spec import (
     Attr,
     Attrs,
     FuzzForm,
     FuzzLimits,
+    GradientRule,
     OnnxForm,
     OpSpec,
     Params,
@@ -42,6 +43,7 @@ POOL_ATTRS = (
 
 def _infer(attrs: Attrs, shapes: list[Shape]) -> Shape:
     channels, height, width = need_image(shapes[0])
+    resolve_same(attrs, height, width)
     (kh, kw), (sh, sw) = attrs["kernel_size"], attrs["stride"]
     pad_h, pad_w = attrs["padding"]
     if max(pad_h) > kh // 2 or max(pad_w) > kw // 2:
@@ -96,14 +98,81 @@ def avgpool_reference(attrs: Attrs, params: Params, xs: list[np.ndarray]) -> np.
     (top, bottom, extra_h), (left, right, extra_w) = _padding(x, attrs, out_hw)
     pads = ((0, 0), (0, 0), (top, bottom + extra_h), (left, right + extra_w))
     sums = _windows(np.pad(x, pads), attrs, out_hw).sum(axis=(4, 5))
+    return sums / _avg_divisor(x, attrs, out_hw)
+
+
+def _avg_divisor(x: np.ndarray, attrs: Attrs, out_hw: tuple[int, int]) -> np.ndarray:
+    """What each average pooling window divides by, [1, 1, OH, OW]."""
+    (top, bottom, extra_h), (left, right, extra_w) = _padding(x, attrs, out_hw)
     counted = np.ones((1, 1, *x.shape[2:]))
     if attrs["count_include_pad"]:
         counted = np.pad(counted, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=1)
         counted = np.pad(counted, ((0, 0), (0, 0), (0, extra_h), (0, extra_w)))
     else:
-        counted = np.pad(counted, pads)
-    divisor = _windows(counted, attrs, out_hw).sum(axis=(4, 5))
-    return sums / divisor
+        counted = np.pad(counted, ((0, 0), (0, 0), (top, bottom + extra_h),
+                                   (left, right + extra_w)))
+    return _windows(counted, attrs, out_hw).sum(axis=(4, 5))
+
+
+def _unpad(grad_padded: np.ndarray, x: np.ndarray, attrs: Attrs) -> np.ndarray:
+    """The gradient of `x` from that of its padded copy: padding cells get none."""
+    (top, _), (left, _) = attrs["padding"]
+    return grad_padded[:, :, top : top + x.shape[2], left : left + x.shape[3]]
+
+
+def maxpool_vjp(attrs: Attrs, params: Params, xs: list[np.ndarray], out: np.ndarray,
+                grad_out: np.ndarray) -> tuple[list[np.ndarray], Params]:
+    """Each window's gradient goes to its first maximum in row-major order, as in PyTorch."""
+    x = xs[0]
+    out_h, out_w = grad_out.shape[2:]
+    (top, bottom, extra_h), (left, right, extra_w) = _padding(x, attrs, (out_h, out_w))
+    pads = ((0, 0), (0, 0), (top, bottom + extra_h), (left, right + extra_w))
+    padded = np.pad(x, pads, constant_values=-np.inf)
+    windows = _windows(padded, attrs, (out_h, out_w))
+    (kh, kw), (sh, sw) = attrs["kernel_size"], attrs["stride"]
+    first = windows.reshape(*windows.shape[:4], kh * kw).argmax(axis=4)
+    rows = np.arange(out_h)[:, None] * sh + first // kw
+    cols = np.arange(out_w)[None, :] * sw + first % kw
+    images = np.arange(x.shape[0])[:, None, None, None]
+    channels = np.arange(x.shape[1])[None, :, None, None]
+    grad_padded = np.zeros(padded.shape)
+    np.add.at(grad_padded, (images, channels, rows, cols), grad_out)
+    return [_unpad(grad_padded, x, attrs)], {}
+
+
+def avgpool_vjp(attrs: Attrs, params: Params, xs: list[np.ndarray], out: np.ndarray,
+                grad_out: np.ndarray) -> tuple[list[np.ndarray], Params]:
+    """Each window shares its gradient among its cells, over the same divisor."""
+    x = xs[0]
+    out_h, out_w = grad_out.shape[2:]
+    (top, bottom, extra_h), (left, right, extra_w) = _padding(x, attrs, (out_h, out_w))
+    share = grad_out / _avg_divisor(x, attrs, (out_h, out_w))
+    (kh, kw), (sh, sw) = attrs["kernel_size"], attrs["stride"]
+    grad_padded = np.zeros((*x.shape[:2], x.shape[2] + top + bottom + extra_h,
+                            x.shape[3] + left + right + extra_w))
+    for ky in range(kh):
+        for kx in range(kw):
+            grad_padded[:, :, ky : ky + sh * (out_h - 1) + 1 : sh,
+                        kx : kx + sw * (out_w - 1) + 1 : sw] += share
+    return [_unpad(grad_padded, x, attrs)], {}
+
+
+def _global_avgpool_vjp(attrs: Attrs, params: Params, xs: list[np.ndarray], out: np.ndarray,
+                        grad_out: np.ndarray) -> tuple[list[np.ndarray], Params]:
+    height, width = xs[0].shape[2:]
+    return [np.broadcast_to(grad_out / (height * width), xs[0].shape).copy()], {}
+
+
+def _global_maxpool_vjp(attrs: Attrs, params: Params, xs: list[np.ndarray], out: np.ndarray,
+                        grad_out: np.ndarray) -> tuple[list[np.ndarray], Params]:
+    """All to the image's first maximum, as a max pool over the whole image (PyTorch's
+    `amax` would share it among ties)."""
+    x = xs[0]
+    flat = x.reshape(*x.shape[:2], -1)
+    first = flat.argmax(axis=2)
+    grad = np.zeros(flat.shape)
+    np.put_along_axis(grad, first[..., None], grad_out.reshape(*x.shape[:2], 1), axis=2)
+    return [grad.reshape(x.shape)], {}
 
 
 def _global_infer(attrs: Attrs, shapes: list[Shape]) -> Shape:
@@ -169,6 +238,7 @@ SPECS = (
         window=WindowRule(-math.inf, maximum), flops=_window_flops,
         onnx=OnnxForm("MaxPool", _ceil_mode), torch=_torch_max,
         fuzz=FuzzForm(image=2.0, draw=_draw_max),
+        gradient=GradientRule(maxpool_vjp),
     ),
     OpSpec(
         "avgpool2d", "window",
@@ -178,6 +248,7 @@ SPECS = (
         onnx=OnnxForm("AveragePool", lambda attrs: {
             "count_include_pad": int(attrs["count_include_pad"]), **_ceil_mode(attrs)}),
         torch=_torch_avg, fuzz=FuzzForm(image=2.0, draw=_draw_avg),
+        gradient=GradientRule(avgpool_vjp),
     ),
     OpSpec(
         "global_avgpool2d", "window", infer=_global_infer,
@@ -187,5 +258,16 @@ SPECS = (
         onnx=OnnxForm("GlobalAveragePool"),
         torch=lambda torch, attrs, params, xs: xs[0].mean(dim=(2, 3), keepdim=True),
         fuzz=FuzzForm(image=0.4),
+        gradient=GradientRule(_global_avgpool_vjp),
+    ),
+    OpSpec(
+        "global_maxpool2d", "window", infer=_global_infer,
+        compute=lambda attrs, params, xs: xs[0].max(axis=(2, 3), keepdims=True),
+        window=WindowRule(-math.inf, maximum, whole_image=True),
+        flops=lambda attrs, shapes, out: math.prod(shapes[0]),
+        onnx=OnnxForm("GlobalMaxPool"),
+        torch=lambda torch, attrs, params, xs: xs[0].amax(dim=(2, 3), keepdim=True),
+        fuzz=FuzzForm(image=0.2),
+        gradient=GradientRule(_global_maxpool_vjp),
     ),
 )

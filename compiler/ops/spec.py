@@ -44,11 +44,12 @@ class Attr:
     """One attribute: how to check and normalise a value, and its default."""
 
     name: str
-    kind: str  # "int", "pair", "padding", "bool", "float"
+    kind: str  # "int", "pair", "padding", "bool", "float" (> 0), "number", "choice"
     default: Any = REQUIRED
     minimum: int = 1
     help: str = ""
     same_as: str = ""  # when absent, take the value of this other attribute
+    choices: tuple[str, ...] = ()  # the values of a "choice"
 
 
 def _is_int(value: Any) -> bool:
@@ -75,8 +76,11 @@ def _check_pair(attr: Attr, value: Any) -> tuple[int, int]:
 
 
 def _check_padding(attr: Attr, value: Any) -> tuple[tuple[int, int], tuple[int, int]]:
-    """An int, [ph, pw] (both sides of each axis), or [[top, bottom], [left, right]]."""
-    expected = "an integer, [ph, pw] or [[top, bottom], [left, right]]"
+    """An int, [ph, pw] (both sides of each axis), [[top, bottom], [left, right]], or "same"
+    (the output keeps the input's size over the stride; the shape rule resolves it)."""
+    expected = "an integer, [ph, pw], [[top, bottom], [left, right]] or \"same\""
+    if value == "same":
+        return value
     if _is_int(value):
         pad = _check_int(attr, value)
         return (pad, pad), (pad, pad)
@@ -105,12 +109,27 @@ def _check_float(attr: Attr, value: Any) -> float:
     return float(value)
 
 
+def _check_number(attr: Attr, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise AttrError(attr.name, f"'{attr.name}' must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_choice(attr: Attr, value: Any) -> str:
+    if value not in attr.choices:
+        raise AttrError(attr.name, f"'{attr.name}' must be one of "
+                        f"{', '.join(attr.choices)}, got {value!r}")
+    return str(value)
+
+
 _CHECKERS: dict[str, Callable[[Attr, Any], Any]] = {
     "int": _check_int,
     "pair": _check_pair,
     "padding": _check_padding,
     "bool": _check_bool,
     "float": _check_float,
+    "number": _check_number,
+    "choice": _check_choice,
 }
 
 
@@ -135,6 +154,10 @@ class OnnxForm:
     attrs: Callable[[Attrs], dict[str, Any]] = field(default=lambda attrs: {})
     params: tuple[str, ...] = ()
     many: str = ""
+    # constant inputs after the params (Clip's min and max, Pad's pads), from the attributes
+    constants: Callable[[Attrs], tuple[np.ndarray | None, ...]] | None = None
+    # a form of several nodes: (onnx.helper, output name, inputs, attrs) -> the nodes
+    nodes: Callable[[Any, str, list[str], Attrs], list[Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +186,27 @@ class FuzzForm:
     params: ParamDraw | None = None
 
 
+# A vector-Jacobian product: (attrs, params, inputs, output, gradient of the output) ->
+# (gradients of the inputs, in order; gradients of the trained parameters, by name).
+VJP = Callable[[Attrs, Params, list[np.ndarray], np.ndarray, np.ndarray],
+               tuple[list[np.ndarray], Params]]
+# A forward pass in training mode: (attrs, params, inputs) -> (output, new values of buffers).
+TrainingForward = Callable[[Attrs, Params, list[np.ndarray]], tuple[np.ndarray, Params]]
+
+
+@dataclass(frozen=True)
+class GradientRule:
+    """How an op differentiates, in float64 NumPy: the oracle that compiled backward kernels
+    must match. `vjp` is the eval-mode rule. An op that computes differently while training
+    (batchnorm: batch statistics) also has `training_forward` and `training_vjp`. `buffers`
+    are parameters that are state, not trained (running statistics): they get no gradient."""
+
+    vjp: VJP
+    training_forward: TrainingForward | None = None
+    training_vjp: VJP | None = None
+    buffers: tuple[str, ...] = ()
+
+
 # torch.nn's form: (torch, attrs, params as tensors (absent ones None), operands) -> result
 TorchForm = Callable[[Any, Attrs, dict[str, Any], list[Any]], Any]
 
@@ -179,7 +223,8 @@ class OpSpec:
     kernel, "elementwise" ops join the kernel that produces their input, "window" ops (pooling)
     join after the elementwise ops, "view" ops cost nothing, "opaque" ops stand alone.
     An elementwise op lowers by `lower`, from its operands' values (the fused value first, then
-    the other operands, then the `channel_params` loaded at the point's channel) to its value;
+    the other operands, then the `channel_params` loaded at the point's channel) to its value
+    (with `lower_attrs`, from those and the node's attributes);
     a window op by its `window` rule; other ops by a rule of `cnnc.lower` named after them.
     """
 
@@ -196,14 +241,15 @@ class OpSpec:
         default=lambda attrs, params, xs: xs[0]
     )
     activation: bool = False  # may be written as a layer's `activation:`
-    lower: Callable[[list[Expr]], Expr] | None = None
+    lower: Callable[..., Expr] | None = None
+    lower_attrs: bool = False  # `lower` takes (operands, attrs): its expression reads them
     channel_params: Callable[[Attrs, Params], tuple[np.ndarray, ...]] | None = None
     window: WindowRule | None = None
     flops: Callable[[Attrs, list[Shape], Shape], int] = _per_element  # per image
     onnx: OnnxForm | None = None
     torch: TorchForm | None = None
     fuzz: FuzzForm | None = None
-    gradient: None = None  # the gradient rule: a later step fills it in
+    gradient: GradientRule | None = None  # None: the op cannot be trained through
 
     def attr(self, name: str) -> Attr | None:
         return next((attr for attr in self.attrs if attr.name == name), None)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from cnnc.graph import Graph
 from cnnc.passes.fold_batchnorm import fold_batchnorm
-from cnnc.passes.fuse import fuse, groups_of, unfused
+from cnnc.passes.fuse import fuse, unfused
 from cnnc.passes.layout import layout, layout_of
 from cnnc.passes.options import Options
-from cnnc.passes.plan_memory import memory_of, plan_memory, unplanned
+from cnnc.passes.plan_memory import plan_memory, unplanned
 from cnnc.passes.prune import prune
 from cnnc.passes.tile import tile
 
@@ -63,7 +63,7 @@ def describe(graph: Graph) -> str:
     """The graph as text, followed by whatever the passes have decided so far."""
     lines = [graph.to_text()]
     plan = graph.plan
-    if plan.groups is not None:
+    if plan.has_groups:
         lines.append("kernels:")
         for group in plan.groups:
             lines.append(f"  {group.name}: {', '.join(group.nodes)}")
@@ -73,7 +73,7 @@ def describe(graph: Graph) -> str:
         form = f"[C][H][W][{chosen.vector_width}]" if chosen.kind == "batch" else \
             f"[H][W][C padded to {chosen.vector_width}]"
         lines.append(f"layout: {chosen.kind}, {form}")
-    if plan.memory is not None:
+    if plan.has_memory:
         memory = plan.memory
         lines.append(f"memory: {memory.bytes_per_block()} bytes per batch block")
         for tensor, offset in sorted(memory.offsets.items(), key=lambda item: item[1]):
@@ -81,5 +81,5 @@ def describe(graph: Graph) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PASS_NAMES", "PIPELINE", "PLAIN_CHOICE", "Options", "describe", "groups_of",
-           "layout_of", "memory_of", "run_pipeline"]
+__all__ = ["PASS_NAMES", "PIPELINE", "PLAIN_CHOICE", "Options", "describe", "layout_of",
+           "run_pipeline"]

@@ -18,7 +18,7 @@ from cnnc.passes.options import Options
 from cnnc.plan import Group
 
 VIEWS = ("flatten",)
-__all__ = ["Group", "fuse", "groups_of", "is_view", "tensor_of", "unfused"]
+__all__ = ["fuse", "is_view", "tensor_of", "unfused"]
 
 
 def is_view(graph: Graph, name: str) -> bool:
@@ -31,15 +31,6 @@ def is_view(graph: Graph, name: str) -> bool:
         return True
     return all(graph.op(user) == "dense" for user in graph.users(name)) and \
         name not in graph.outputs
-
-
-def groups_of(graph: Graph) -> list[Group]:
-    """The groups of the plan, in launch order: the fuse pass's, or one per op where it was
-    switched off (`unfused`)."""
-    if graph.plan.groups is None:
-        raise ValueError(f"graph {graph.name!r} has no kernel groups yet: run the fuse pass "
-                         "(cnnc.passes.run_pipeline) first")
-    return graph.plan.groups
 
 
 def unfused(graph: Graph, options: Options) -> Graph:

@@ -8,20 +8,20 @@ outputs live to the end. First fit over lifetimes, each tensor aligned to 64 byt
 from __future__ import annotations
 
 from cnnc.graph import INPUT, Graph
-from cnnc.passes.fuse import groups_of, tensor_of
+from cnnc.passes.fuse import tensor_of
 from cnnc.passes.layout import layout_of
 from cnnc.passes.options import Options
 from cnnc.plan import MemoryPlan
 from cnnc.util import ceil_div
 
 ALIGN = 16  # floats: 64 bytes, one cache line and one AVX-512 vector
-__all__ = ["MemoryPlan", "memory_of", "plan_memory", "tensor_lifetimes", "unplanned"]
+__all__ = ["plan_memory", "tensor_lifetimes", "unplanned"]
 
 
 def tensor_lifetimes(graph: Graph) -> dict[str, tuple[int, int]]:
     """tensor -> (first kernel that writes it, last kernel that reads it); the input is
     written by the packing step (-1), the outputs read by the unpacking one (len(groups))."""
-    groups = groups_of(graph)
+    groups = graph.plan.groups
     lifetimes = {INPUT: (-1, -1)}
     for index, group in enumerate(groups):
         lifetimes[group.output] = (index, index)
@@ -64,15 +64,6 @@ def unplanned(graph: Graph, options: Options) -> Graph:
     """The plain choice, a buffer of its own for every tensor: what stands in for
     `plan_memory` when it is off."""
     return plan_memory(graph, options, reuse=False)
-
-
-def memory_of(graph: Graph, options: Options) -> MemoryPlan:
-    """The memory plan of the plan: the pass's, or one without reuse where it was switched off
-    (`unplanned`). `options` is not read."""
-    if graph.plan.memory is None:
-        raise ValueError(f"graph {graph.name!r} has no memory plan yet: run the plan_memory "
-                         "pass (cnnc.passes.run_pipeline) first")
-    return graph.plan.memory
 
 
 def _aligned(floats: int) -> int:

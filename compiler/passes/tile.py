@@ -16,9 +16,10 @@ import math
 from cnnc import ops
 from cnnc.graph import Graph
 from cnnc.kernel import Schedule
-from cnnc.passes.fuse import Group, groups_of, tensor_of
+from cnnc.passes.fuse import tensor_of
 from cnnc.passes.layout import layout_of
 from cnnc.passes.options import GPU_TARGETS, Options
+from cnnc.plan import Group
 from cnnc.schedule_file import (
     EVERY_KERNEL,
     KernelFacts,
@@ -42,10 +43,10 @@ def tile(graph: Graph, options: Options) -> Graph:
     for every in schedules.lines_for(EVERY_KERNEL):
         check_fits(every, None)
     kernels, signatures = [], set()
-    for group in groups_of(graph):
+    for group in graph.plan.groups:
         producer = group.producer
         channels = 1
-        if graph.op(producer) in ("conv2d", "dense"):
+        if is_anchor(graph, producer):
             out = graph.shape(producer)[0]
             channels = out // graph.attrs(producer).get("groups", 1)
             if layout.kind == "channel":  # accumulators hold whole vectors of channels
@@ -78,12 +79,18 @@ def tile(graph: Graph, options: Options) -> Graph:
     return graph
 
 
+def is_anchor(graph: Graph, name: str) -> bool:
+    """Whether node `name` is an anchor op (the registry's kind: conv2d, dense), whose output
+    channels a schedule's `oc_block` splits."""
+    return ops.OPS[graph.op(name)].kind == "anchor"
+
+
 def kernel_facts(graph: Graph, group: Group) -> KernelFacts:
     """What a schedule file's values for `group` must fit: the output channels of its
     convolution or dense layer (the most `oc_block` can take), the width of its output rows
     (the most `x_block` can take)."""
     producer = group.producer
-    channels = graph.shape(producer)[0] if graph.op(producer) in ("conv2d", "dense") else None
+    channels = graph.shape(producer)[0] if is_anchor(graph, producer) else None
     shape = graph.shape(group.output)
     return KernelFacts(group.name, channels, shape[-1] if len(shape) == 3 else None)
 
@@ -127,8 +134,7 @@ def _gpu_schedule(graph: Graph, group: Group, picked: Schedule, channels: int,
     # Unrolled kernel windows give the CUDA compiler constant weight offsets.
     picked = picked.replace(unroll_max=GPU_UNROLL_MAX)
     out_shape = graph.shape(group.output)
-    op = graph.op(group.producer)
-    computes_channels = op in ("conv2d", "dense")
+    computes_channels = is_anchor(graph, group.producer)
     spatial = math.prod(out_shape[1:])
     if spatial == 1:
         block = _largest_divisor(channels, GPU_DENSE_OUTPUTS_PER_THREAD) \

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from cnnc.compare import check_outputs
-from cnnc.engines import Engine, EngineUnavailable, check_engine_names, make_engine
 from cnnc.graph import Graph
 from cnnc.reference import reference
+from cnnc.tools.engines import Engine, EngineUnavailable, check_engine_names, make_engine
 from cnnc.tools.workers import Worker, WorkerError
 
 # A pause before each engine's round: the engine timed before it may still have worker

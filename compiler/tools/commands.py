@@ -58,8 +58,8 @@ def bench_command(model: Path, target: str, batches: str, thread_counts: str, ag
     import json
     import sys
 
-    from cnnc.engines import UnknownEngine, check_engine_names
     from cnnc.tools.bench import run_bench
+    from cnnc.tools.engines import UnknownEngine, check_engine_names
 
     if target != "llvm" and profile:
         raise Failure("--profile times the kernels of the llvm target only")

@@ -22,9 +22,8 @@ from cnnc.backends.llvm.model import CompiledModel
 from cnnc.compare import agrees
 from cnnc.driver import compile
 from cnnc.graph import Graph
-from cnnc.passes.fuse import groups_of
 from cnnc.passes.layout import layout_of
-from cnnc.passes.tile import signature
+from cnnc.passes.tile import is_anchor, signature
 from cnnc.profile import seconds_per_call
 from cnnc.reference import reference
 from cnnc.version import __version__
@@ -57,7 +56,7 @@ def candidates(model: CompiledModel, layout: str, index: int, seed: int
     """Schedules for kernel `index` of the `layout` variant, the heuristic's first, then the
     rest of the space in an order fixed by `seed`."""
     variant = next(v for v in model.variants if v.layout == layout)
-    group = groups_of(variant.graph)[index]
+    group = variant.graph.plan.groups[index]
     picked = group.schedule
     yield {"oc_block": picked.oc_block, "x_block": picked.x_block,
            "unroll_max": picked.unroll_max}
@@ -66,7 +65,7 @@ def candidates(model: CompiledModel, layout: str, index: int, seed: int
     channels = stored.channels(shape[0]) // stored.vector(shape[0]) if layout == "channel" \
         else shape[0]
     blocks = [b for b in range(1, MAX_BLOCK + 1) if channels % b == 0] \
-        if variant.graph.op(group.producer) in ("conv2d", "dense") else [1]
+        if is_anchor(variant.graph, group.producer) else [1]
     points = [b for b in range(1, MAX_BLOCK + 1) if len(shape) == 3 and shape[-1] % b == 0] \
         or [1]
     space = [{"oc_block": o, "x_block": x, "unroll_max": u}
@@ -102,11 +101,11 @@ def tune(graph: Graph, seconds: float, seed: int = 0,
     layouts = ("batch", "channel")
     base = {layout: compile(graph, layout=layout, threads=1) for layout in layouts}
     work = [(layout, index) for layout in layouts
-            for index in range(len(groups_of(base[layout].variants[0].graph)))]
+            for index in range(len(base[layout].variants[0].graph.plan.groups))]
     for number_done, (layout, index) in enumerate(work):
         model = base[layout]
         variant = model.variants[0]
-        group = groups_of(variant.graph)[index]
+        group = variant.graph.plan.groups[index]
         batch = BATCH_FOR_LAYOUT[layout]
         x = np.random.default_rng(seed).standard_normal((batch, *graph.input_shape))
         x = x.astype(np.float32)

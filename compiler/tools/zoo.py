@@ -23,10 +23,10 @@ from pathlib import Path
 from types import ModuleType
 
 import cnnc
-from cnnc.engines import EngineUnavailable
 from cnnc.profile import node_flops
 from cnnc.target import host_cpu
 from cnnc.tools.bench import Report, run_bench
+from cnnc.tools.engines import EngineUnavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 ZOO = ROOT / "examples" / "zoo"

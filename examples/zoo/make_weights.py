@@ -63,13 +63,14 @@ def vgg_bn() -> nn.Module:
 
 
 def _conv_bn_relu(inputs: int, outputs: int, kernel: int, stride: int = 1,
-                  groups: int = 1) -> list[nn.Module]:
+                  groups: int = 1, activation: type[nn.Module] = nn.ReLU6) -> list[nn.Module]:
     return [nn.Conv2d(inputs, outputs, kernel, stride, kernel // 2, groups=groups, bias=False),
-            nn.BatchNorm2d(outputs), nn.ReLU()]
+            nn.BatchNorm2d(outputs), activation()]
 
 
 def mobilenet() -> nn.Module:
-    layers = _conv_bn_relu(3, 16, 3)
+    """MobileNet v1's blocks with ReLU6, and v3's Hardswish in the stem."""
+    layers = _conv_bn_relu(3, 16, 3, activation=nn.Hardswish)
     channels = 16
     for width, stride in [(32, 1), (64, 2), (64, 1), (128, 2), (128, 1)]:
         layers += _conv_bn_relu(channels, channels, 3, stride, groups=channels)

@@ -211,7 +211,8 @@ ENTRIES = [
     Entry("activation_unknown.yaml",
           "input: [1, 8, 8]\nlayers:\n  - conv2d: {out_channels: 2, kernel_size: 3, "
           "activation: gelu}\n",
-          "'activation' must be one of sigmoid, relu, tanh, got 'gelu'", 3, "0"),
+          "'activation' must be one of sigmoid, relu, tanh, relu6, hardswish, silu, "
+          "got 'gelu'", 3, "0"),
     Entry("relu_two_inputs.yaml",
           "input: [1, 8, 8]\nlayers:\n  - relu\n  - tanh: {inputs: [0, input]}\n",
           "takes 1 input, got 2", 4, "1"),
@@ -251,7 +252,8 @@ ENTRIES = [
     Entry("padding_bad_form.yaml",
           "input: [1, 8, 8]\nlayers:\n  - conv2d: {out_channels: 2, kernel_size: 3, "
           "padding: [[1, 2, 3], [1, 1]]}\n",
-          "'padding' must be an integer, [ph, pw] or [[top, bottom], [left, right]]", 3, "0"),
+          "'padding' must be an integer, [ph, pw], [[top, bottom], [left, right]] "
+          "or \"same\"", 3, "0"),
     Entry("bias_one.yaml",
           "input: [1, 8, 8]\nlayers:\n  - conv2d: {out_channels: 2, kernel_size: 3, bias: 1}\n",
           "'bias' must be true or false, got 1", 3, "0"),

@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from cnnc.engines import Engine, EngineUnavailable
 from cnnc.graph import Graph
+from cnnc.tools.engines import Engine, EngineUnavailable
 
 
 def to_onnx(graph: Graph) -> Any:

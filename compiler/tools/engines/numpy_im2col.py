@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from cnnc import ops
-from cnnc.engines import Engine
 from cnnc.graph import INPUT, Graph
+from cnnc.tools.engines import Engine
 
 
 def conv2d(x: np.ndarray, attrs: dict[str, Any], params: dict[str, np.ndarray]) -> np.ndarray:

@@ -45,19 +45,19 @@ def check_engine_names(names: list[str]) -> None:
 def make_engine(name: str, graph: Graph, threads: int) -> Engine:
     check_engine_names([name])
     if name == "numpy":
-        from cnnc.engines import numpy_im2col
+        from cnnc.tools.engines import numpy_im2col
 
         return numpy_im2col.make(graph, threads)
     if name == "torch":
-        from cnnc.engines import torch_engine
+        from cnnc.tools.engines import torch_engine
 
         return torch_engine.make(graph, threads)
     if name == "onnxruntime":
-        from cnnc.engines import onnx_engine
+        from cnnc.tools.engines import onnx_engine
 
         return onnx_engine.make(graph, threads)
     if name == "openvino":
-        from cnnc.engines import openvino_engine
+        from cnnc.tools.engines import openvino_engine
 
         return openvino_engine.make(graph, threads)
     from cnnc.reference import reference

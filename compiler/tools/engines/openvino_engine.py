@@ -12,9 +12,9 @@ import io
 
 import numpy as np
 
-from cnnc.engines import Engine, EngineUnavailable
-from cnnc.engines.onnx_engine import to_onnx
 from cnnc.graph import Graph
+from cnnc.tools.engines import Engine, EngineUnavailable
+from cnnc.tools.engines.onnx_engine import to_onnx
 
 
 def make(graph: Graph, threads: int) -> Engine:

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from cnnc import ops
-from cnnc.engines import Engine, EngineUnavailable
 from cnnc.graph import INPUT, Graph
+from cnnc.tools.engines import Engine, EngineUnavailable
 
 
 def make(graph: Graph, threads: int) -> Engine:

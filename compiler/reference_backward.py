@@ -1,0 +1,169 @@
+"""The reference backward pass: the oracle for training, as `cnnc.reference` is for inference.
+
+`reference_backward` runs a graph forward in float64 keeping every value, takes a loss, and
+walks the graph backward op by op with each op's gradient rule from the registry. It is
+written to be obviously right, not fast: it never fuses, and imports nothing from the passes
+or the backends. `ReferenceTrainer` steps a `cnnc.optim` optimizer with it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+
+from cnnc import ops
+from cnnc.data import Loss, check_targets
+from cnnc.errors import InputError, ModelError
+from cnnc.graph import INPUT, Graph
+from cnnc.reference import check_input
+
+Reduction = Literal["mean", "sum"]
+
+
+@dataclass
+class Backward:
+    """What one forward and backward pass gives: the loss, the gradient of every trained
+    parameter keyed as in the weights file ("layer.param"), the gradient of the input, the
+    output, and in training mode the new running statistics (also "layer.param")."""
+
+    loss: float
+    gradients: dict[str, np.ndarray]
+    input_gradient: np.ndarray
+    output: np.ndarray
+    buffers: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def loss_and_gradient(output: np.ndarray, target: np.ndarray, loss: Loss,
+                      reduction: Reduction) -> tuple[float, np.ndarray]:
+    """The loss of float64 `output` [N, ...] against checked `target`, and its gradient.
+
+    cross_entropy: log-softmax over the class scores, fused (a max is subtracted so no exp
+    overflows); its mean is over images. squared_error: (output - target)**2 with no factor
+    1/2, as D2L and `torch.nn.MSELoss`; its mean is over every element, as MSELoss's."""
+    if reduction not in ("mean", "sum"):
+        raise InputError(f"unknown reduction '{reduction}'; expected mean or sum")
+    if loss == "squared_error":
+        difference = output - target
+        scale = 1 / difference.size if reduction == "mean" else 1.0
+        return float((difference**2).sum() * scale), 2 * difference * scale
+    scores = output.reshape(len(output), -1)
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    log_sum = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    log_probabilities = shifted - log_sum
+    rows = np.arange(len(scores))
+    scale = 1 / len(scores) if reduction == "mean" else 1.0
+    value = -log_probabilities[rows, target].sum() * scale
+    grad = np.exp(log_probabilities)
+    grad[rows, target] -= 1
+    return float(value), (grad * scale).reshape(output.shape)
+
+
+def check_trainable(graph: Graph) -> None:
+    """ModelError when `graph` cannot be trained: more than one output, or an op without a
+    gradient rule (named, with its layer)."""
+    if len(graph.outputs) != 1:
+        raise ModelError(f"training needs a model with one output, model '{graph.name}' has "
+                         f"{len(graph.outputs)}")
+    for name in graph.order():
+        if name != INPUT and ops.OPS[graph.op(name)].gradient is None:
+            raise ModelError(f"op '{graph.op(name)}' has no gradient rule yet, so the model "
+                             "cannot be trained through it", layer=name, op=graph.op(name))
+
+
+def reference_backward(graph: Graph, x: object, y: object, *, loss: Loss = "cross_entropy",
+                       reduction: Reduction = "mean", training: bool = False,
+                       params: dict[str, np.ndarray] | None = None) -> Backward:
+    """The loss of `graph` on batch `x` against targets `y`, and every gradient, in float64.
+
+    `training` computes as `torch.nn.Module.train()` does (batchnorm over the batch's
+    statistics, and its running statistics updated); otherwise as `eval()`. `params`
+    ("layer.param" -> array) replace the graph's own where given."""
+    check_trainable(graph)
+    per_image = 16 * sum(math.prod(graph.shape(name)) for name in graph.order())
+    check_input(graph, x, per_image)  # one-line errors for a wrong shape or dtype
+    x64 = np.asarray(x, dtype=np.float64)
+    if len(x64) == 0:
+        raise InputError("a training batch needs at least one image")
+    (output_name,) = graph.outputs
+    target = check_targets(np.asarray(y), graph.shape(output_name), loss, len(x64))
+    params = params or {}
+    node_params = {name: {key: np.asarray(params.get(f"{name}.{key}", value), np.float64)
+                          for key, value in graph.params(name).items()}
+                   for name in graph.order()}
+
+    values: dict[str, np.ndarray] = {INPUT: x64}
+    buffers: dict[str, np.ndarray] = {}
+    for name in graph.order():
+        if name == INPUT:
+            continue
+        rule = ops.OPS[graph.op(name)].gradient
+        assert rule is not None  # check_trainable
+        operands = [values[operand] for operand in graph.operands(name)]
+        attrs = graph.attrs(name)
+        if training and rule.training_forward is not None:
+            values[name], updated = rule.training_forward(attrs, node_params[name], operands)
+            buffers.update({f"{name}.{key}": value for key, value in updated.items()})
+        else:
+            values[name] = ops.OPS[graph.op(name)].compute(attrs, node_params[name], operands)
+
+    value, grad_output = loss_and_gradient(values[output_name], target, loss, reduction)
+    grads: dict[str, np.ndarray] = {output_name: grad_output}
+    gradients: dict[str, np.ndarray] = {}
+    for name in reversed(graph.order()):
+        if name == INPUT:
+            continue
+        rule = ops.OPS[graph.op(name)].gradient
+        assert rule is not None
+        operands = graph.operands(name)
+        trained = [key for key in node_params[name] if key not in rule.buffers]
+        if name not in grads:  # the loss does not depend on this op
+            gradients.update({f"{name}.{key}": np.zeros_like(node_params[name][key])
+                              for key in trained})
+            continue
+        vjp = rule.training_vjp if training and rule.training_vjp is not None else rule.vjp
+        grad_inputs, grad_params = vjp(graph.attrs(name), node_params[name],
+                                       [values[operand] for operand in operands], values[name],
+                                       grads.pop(name))
+        for operand, grad in zip(operands, grad_inputs):  # a value read twice sums both
+            grads[operand] = grads[operand] + grad if operand in grads else grad
+        gradients.update({f"{name}.{key}": grad_params[key] for key in trained})
+    input_gradient = grads.get(INPUT, np.zeros_like(x64))
+    return Backward(value, gradients, input_gradient, values[output_name], buffers)
+
+
+class Optimizer(Protocol):
+    """What `ReferenceTrainer` needs of an optimizer (`cnnc.optim.SGD`, `cnnc.optim.Adam`)."""
+
+    def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None: ...
+
+
+class ReferenceTrainer:
+    """Trains a graph with the reference backward and a NumPy optimizer, in float64: slow and
+    simple, the trajectory that compiled training must follow."""
+
+    def __init__(self, graph: Graph, optimizer: Optimizer, *, loss: Loss = "cross_entropy",
+                 reduction: Reduction = "mean", training: bool = True) -> None:
+        check_trainable(graph)
+        self.graph = graph
+        self.optimizer = optimizer
+        self.loss: Loss = loss
+        self.reduction: Reduction = reduction
+        self.training = training
+        self.state = {f"{name}.{key}": value.astype(np.float64)
+                      for name in graph.order() for key, value in graph.params(name).items()}
+
+    def step(self, x: object, y: object) -> float:
+        """One step on one batch; returns the loss before the step."""
+        result = reference_backward(self.graph, x, y, loss=self.loss, reduction=self.reduction,
+                                    training=self.training, params=self.state)
+        trained = {key: self.state[key] for key in result.gradients}
+        self.optimizer.step(trained, result.gradients)
+        self.state.update(result.buffers)
+        return result.loss
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """{"layer.param": float32 array}, the keys of the weights file."""
+        return {key: value.astype(np.float32) for key, value in self.state.items()}
