@@ -15,8 +15,9 @@ import dask.array as da
 import numpy as np
 
 from cnnc.errors import InputError
-from cnnc.graph import Graph, format_shape
+from cnnc.graph import Graph
 from cnnc.pickling import ModelRef
+from cnnc.reference import check_dtype_and_shape
 
 
 def predict(model: Any, x: da.Array, *, threads: int = 1) -> da.Array:
@@ -31,12 +32,7 @@ def predict(model: Any, x: da.Array, *, threads: int = 1) -> da.Array:
     if not isinstance(x, da.Array):
         raise InputError(f"cnnc.dask.predict expects a dask array, got {type(x).__name__}; "
                          "call the model itself on a NumPy array")
-    if x.dtype.kind not in "fiub":
-        raise InputError(f"model '{graph.name}' expects a float array "
-                         f"{format_shape(graph.input_shape)}, got dtype {x.dtype}")
-    if x.ndim != 1 + len(graph.input_shape) or tuple(x.shape[1:]) != graph.input_shape:
-        raise InputError(f"model '{graph.name}' expects input {format_shape(graph.input_shape)}"
-                         f", got shape ({', '.join(map(str, x.shape))})")
+    check_dtype_and_shape(graph, x.dtype, x.shape)
     if len(model.output_shapes) != 1:
         raise InputError(f"cnnc.dask.predict maps a model with one output; '{graph.name}' has "
                          f"{len(model.output_shapes)}: map_blocks a function that picks one")

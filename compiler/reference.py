@@ -19,6 +19,17 @@ from cnnc.errors import BatchMemoryError, InputError
 from cnnc.graph import INPUT, Graph, format_shape
 
 
+def check_dtype_and_shape(graph: Graph, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    """InputError unless an array of `dtype` and `shape` is a batch of the model's input (any
+    real or boolean type converts to float32)."""
+    if dtype.kind not in "fiub":
+        raise InputError(f"model '{graph.name}' expects a float array "
+                         f"{format_shape(graph.input_shape)}, got dtype {dtype}")
+    if len(shape) != 1 + len(graph.input_shape) or tuple(shape[1:]) != graph.input_shape:
+        raise InputError(f"model '{graph.name}' expects input {format_shape(graph.input_shape)}"
+                         f", got shape ({', '.join(map(str, shape))})")
+
+
 def check_input(graph: Graph, x: object, bytes_per_image: int | None = None) -> np.ndarray:
     """`x` as a C-contiguous float32 array of shape (N, *graph.input_shape), or InputError.
 
@@ -31,12 +42,7 @@ def check_input(graph: Graph, x: object, bytes_per_image: int | None = None) -> 
         raise InputError(f"model '{graph.name}' expects a float array "
                          f"{format_shape(graph.input_shape)}, got {type(x).__name__} that is "
                          f"not an array ({error})") from None
-    if array.dtype.kind not in "fiub":
-        raise InputError(f"model '{graph.name}' expects a float array "
-                         f"{format_shape(graph.input_shape)}, got dtype {array.dtype}")
-    if array.ndim != 1 + len(graph.input_shape) or tuple(array.shape[1:]) != graph.input_shape:
-        raise InputError(f"model '{graph.name}' expects input {format_shape(graph.input_shape)}"
-                         f", got shape ({', '.join(map(str, array.shape))})")
+    check_dtype_and_shape(graph, array.dtype, array.shape)
     copies = not (array.dtype == np.float32 and array.flags.c_contiguous)
     per_image = (4 * math.prod(graph.input_shape) if copies else 0) + (
         output_bytes(graph) if bytes_per_image is None else bytes_per_image)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from conftest import EXAMPLES, GOLDEN
 
@@ -76,7 +77,7 @@ def test_an_unknown_engine_fails_at_once_with_the_list_of_engines() -> None:
                                           "numpy,pytorch")
     assert (status, stdout) == (2, "")
     assert stderr == ("error: unknown engine 'pytorch'; expected one of reference, "
-                      "onnxruntime, openvino, torch, numpy\n")
+                      "onnxruntime, openvino, torch, numpy, torch-cuda\n")
     assert time.monotonic() - start < 20
     graph = cnnc.load(TINY)
     with pytest.raises(UnknownEngine, match="unknown engine 'pytorch'"):
@@ -138,3 +139,17 @@ def test_no_fuse_and_disable_pass_reach_cnnc_with_progress_on_a_terminal() -> No
         "bench", TINY, "--batch", "1", "--threads", "1", "--against", "reference",
         "--rounds", "3", "--quiet", tty=True)
     assert (status, stderr) == (0, "")
+
+
+def test_torch_on_the_gpu_is_an_engine_that_says_when_it_cannot_run() -> None:
+    torch = pytest.importorskip("torch", reason="needs PyTorch")
+    from cnnc.tools.engines import EngineUnavailable, make_engine
+
+    graph = cnnc.load(TINY)
+    if torch.cuda.is_available():
+        x = np.random.default_rng(0).random((2, *graph.input_shape), dtype=np.float32)
+        np.testing.assert_allclose(make_engine("torch-cuda", graph, 1)(x),
+                                   cnnc.reference(graph, x), rtol=1e-4, atol=1e-5)
+    else:
+        with pytest.raises(EngineUnavailable, match="PyTorch sees no CUDA device"):
+            make_engine("torch-cuda", graph, 1)

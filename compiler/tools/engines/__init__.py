@@ -27,6 +27,7 @@ ENGINES: dict[str, str] = {
     "openvino": "OpenVINO (CPU, f32) on the same ONNX graph",
     "torch": "PyTorch eager (torch.nn.functional)",
     "numpy": "NumPy im2col + BLAS",
+    "torch-cuda": "PyTorch eager on the GPU (CUDA device 0), the peer of --target cuda",
 }
 
 
@@ -52,6 +53,10 @@ def make_engine(name: str, graph: Graph, threads: int) -> Engine:
         from cnnc.tools.engines import torch_engine
 
         return torch_engine.make(graph, threads)
+    if name == "torch-cuda":
+        from cnnc.tools.engines import torch_engine
+
+        return torch_engine.make(graph, threads, device="cuda")
     if name == "onnxruntime":
         from cnnc.tools.engines import onnx_engine
 

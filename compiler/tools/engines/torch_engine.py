@@ -13,18 +13,22 @@ from cnnc.graph import INPUT, Graph
 from cnnc.tools.engines import Engine, EngineUnavailable
 
 
-def make(graph: Graph, threads: int) -> Engine:
+def make(graph: Graph, threads: int, device: str = "cpu") -> Engine:
+    """`device` is "cpu" or "cuda": the parameters live there, and each call copies the input
+    in and the outputs back, as the compiled CUDA model does."""
     try:
         import torch
     except ImportError:
         raise EngineUnavailable("PyTorch is not installed (pip install torch)") from None
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EngineUnavailable("PyTorch sees no CUDA device (a CPU-only build, or no GPU)")
     torch.set_num_threads(threads)
 
     class GraphModule(torch.nn.Module):  # type: ignore[misc]
         def __init__(self) -> None:
             super().__init__()
             self.tensors = {
-                name: {key: torch.from_numpy(np.array(value))
+                name: {key: torch.from_numpy(np.array(value)).to(device)
                        for key, value in graph.params(name).items()}
                 for name in graph.order()[1:]
             }
@@ -52,8 +56,8 @@ def make(graph: Graph, threads: int) -> Engine:
 
     def run(x: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
         with torch.inference_mode():
-            outputs = tuple(t.numpy() for t in module(torch.from_numpy(
-                np.ascontiguousarray(x, dtype=np.float32))))
+            outputs = tuple(t.cpu().numpy() for t in module(torch.from_numpy(
+                np.ascontiguousarray(x, dtype=np.float32)).to(device)))
         return outputs[0] if len(outputs) == 1 else outputs
 
     return run
