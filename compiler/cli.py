@@ -230,8 +230,8 @@ def convert(model: Path, input_shape: tuple[int, ...] | None, output_path: Path)
             try:
                 from cnnc.frontend.onnx_export import save_onnx
             except ImportError:
-                raise Failure("writing ONNX needs the onnx package (pip install "
-                               "'cnnc[onnx]')") from None
+                raise Failure("writing ONNX needs the onnx package (pip install -e "
+                              "'.[onnx]')") from None
             written = [save_onnx(loaded, output_path)]
         elif suffix in (".yaml", ".yml"):
             from cnnc.frontend.yaml_export import save_yaml

@@ -24,7 +24,7 @@ Dataset = tuple[np.ndarray, np.ndarray]
 
 # IDX type codes (the third byte of the magic number) and their big-endian dtypes.
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-_EXTRA = "install the 'train' extra: pip install 'cnnc[train]'"
+_EXTRA = "install the 'train' extra: pip install -e '.[train]'"
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:

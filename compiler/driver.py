@@ -44,12 +44,6 @@ def export_kinds(target: str) -> tuple[str, ...]:
     return backend(target).EXPORT_KINDS
 
 
-def _host_cpu() -> str:
-    from cnnc.backends.llvm import jit
-
-    return jit.host().cpu
-
-
 @overload
 def compile(  # noqa: A001 - the public name the users asked for
     model: str | Path | Graph, target: Literal["llvm"] = ..., fuse: bool = ...,

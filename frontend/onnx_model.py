@@ -42,7 +42,7 @@ def _onnx() -> Any:
         import onnx
     except ImportError:
         raise ModelError("reading an ONNX model needs the onnx package "
-                         "(pip install 'cnnc[onnx]')") from None
+                         "(pip install -e '.[onnx]')") from None
     return onnx
 
 

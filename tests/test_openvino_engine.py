@@ -13,7 +13,7 @@ import cnnc
 from cnnc.tools.bench import run_bench
 from cnnc.tools.engines import UnknownEngine, check_engine_names, make_engine
 
-pytest.importorskip("openvino", reason="openvino is not installed (pip install 'cnnc[bench]')")
+pytest.importorskip("openvino", reason="openvino is not installed (pip install -e '.[bench]')")
 pytest.importorskip("onnx", reason="the engine runs the ONNX graph the bench builds")
 
 

@@ -11,6 +11,7 @@ from conftest import GOLDEN
 from numpy.testing import assert_allclose
 
 import cnnc
+from cnnc.target import llvm_cpu_name
 from cnnc.tools.bench import run_bench
 from cnnc.tools.tune import candidates, tune
 
@@ -20,7 +21,7 @@ def test_tuned_schedules_replay_without_measuring(tmp_path: Path) -> None:
     records = tune(graph, seconds=3, seed=1)
     assert {record.layout for record in records} == {"batch", "channel"}
     path = tmp_path / "schedules.jsonl"
-    path.write_text("".join(record.to_json(cnnc.driver._host_cpu()) + "\n"
+    path.write_text("".join(record.to_json(llvm_cpu_name()) + "\n"
                             for record in records))
     model = cnnc.compile(graph, schedule=path)
     for variant in model.variants:
@@ -46,7 +47,7 @@ def test_records_for_another_cpu_are_not_applied(tmp_path: Path) -> None:
     path.write_text(json.dumps({**record, "cpu": "some-other-cpu"}) + "\n")
     assert cnnc.compile(graph, schedule=path).variants[0].graph.plan.groups[1].schedule \
         .oc_block == group.schedule.oc_block
-    path.write_text(json.dumps({**record, "cpu": cnnc.driver._host_cpu()}) + "\n")
+    path.write_text(json.dumps({**record, "cpu": llvm_cpu_name()}) + "\n")
     assert cnnc.compile(graph, schedule=path).variants[0].graph.plan.groups[1].schedule \
         .oc_block == 2
 

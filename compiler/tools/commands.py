@@ -125,7 +125,7 @@ def tune_command(model: Path, target: str, seconds: float, seed: int, output_pat
     `cnnc compile --schedule FILE` (and `run`, `bench`) replay the file without measuring.
     Each candidate is checked against the NumPy reference before it is timed.
     """
-    from cnnc.backends.llvm.jit import host
+    from cnnc.target import llvm_cpu_name
     from cnnc.tools.tune import tune as search
 
     loaded = load(model, input_shape)
@@ -135,7 +135,7 @@ def tune_command(model: Path, target: str, seconds: float, seed: int, output_pat
             bar.update(max(0, round(fraction * 1000) - bar.pos))
 
         records = search(loaded, seconds, seed, progress=advance)
-    lines = [record.to_json(host().cpu) for record in records]
+    lines = [record.to_json(llvm_cpu_name()) for record in records]
     output_path.write_text("".join(line + "\n" for line in lines))
     for record in records:
         gain = record.default_seconds / record.seconds if record.seconds else 1.0

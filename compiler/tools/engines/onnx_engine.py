@@ -15,7 +15,7 @@ def to_onnx(graph: Graph) -> Any:
     try:
         from cnnc.frontend.onnx_export import to_onnx as build
     except ImportError:
-        raise EngineUnavailable("onnx is not installed (pip install 'cnnc[bench]')") from None
+        raise EngineUnavailable("onnx is not installed (pip install -e '.[bench]')") from None
     return build(graph)
 
 
@@ -24,7 +24,7 @@ def make(graph: Graph, threads: int) -> Engine:
     try:
         import onnxruntime
     except ImportError:
-        raise EngineUnavailable("onnxruntime is not installed (pip install 'cnnc[bench]')") \
+        raise EngineUnavailable("onnxruntime is not installed (pip install -e '.[bench]')") \
             from None
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads

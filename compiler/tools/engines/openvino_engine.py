@@ -22,7 +22,7 @@ def make(graph: Graph, threads: int) -> Engine:
     try:
         import openvino
     except ImportError:
-        raise EngineUnavailable("openvino is not installed (pip install 'cnnc[bench]')") \
+        raise EngineUnavailable("openvino is not installed (pip install -e '.[bench]')") \
             from None
     core = openvino.Core()
     compiled = core.compile_model(core.read_model(io.BytesIO(model.SerializeToString())), "CPU", {
