@@ -32,15 +32,20 @@ def _looks_binary(head: bytes) -> bool:
     return False
 
 
-def is_onnx(path: str | Path) -> bool:
-    """Whether `path` is read as an ONNX model: by its suffix, or by its first bytes."""
-    from cnnc.frontend.onnx_model import looks_like_onnx
-
-    path = Path(path)
+def _is_onnx(path: Path, head: bytes) -> bool:
     if path.suffix.lower() == ".onnx":
         return True
-    head = _head(path) if path.is_file() else b""
-    return _looks_binary(head) and looks_like_onnx(head)
+    if not _looks_binary(head):
+        return False  # a text file: no need to import the ONNX reader to say so
+    from cnnc.frontend.onnx_model import looks_like_onnx
+
+    return looks_like_onnx(head)
+
+
+def is_onnx(path: str | Path) -> bool:
+    """Whether `path` is read as an ONNX model: by its suffix, or by its first bytes."""
+    path = Path(path)
+    return _is_onnx(path, _head(path) if path.is_file() else b"")
 
 
 def load(path: str | Path, input_shape: tuple[int, ...] | None = None) -> Graph:
@@ -49,12 +54,13 @@ def load(path: str | Path, input_shape: tuple[int, ...] | None = None) -> Graph:
     `input_shape` (the per-sample shape, e.g. (3, 32, 32)) fixes the dynamic dimensions of an
     ONNX model's input; a YAML model gives its own."""
     path = Path(path)
-    if is_onnx(path):
+    head = _head(path) if path.is_file() else b""
+    if _is_onnx(path, head):
         from cnnc.frontend.onnx_model import load_onnx
 
         return load_onnx(path, input_shape)
     is_yaml = path.suffix.lower() in (".yaml", ".yml")  # its reader names a bad character
-    if not is_yaml and path.is_file() and _looks_binary(_head(path)):
+    if not is_yaml and _looks_binary(head):
         raise ModelError("not a text file; a model is an ONNX file or a YAML file in cnnc's "
                          "model format (docs/model-format.md)", file=str(path))
     graph = yaml_model.load(path)
