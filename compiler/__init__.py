@@ -25,6 +25,7 @@ from cnnc.graph import Graph
 from cnnc.library import load_library
 from cnnc.model import Model
 from cnnc.reference import reference
+from cnnc.training import compile_training
 from cnnc.version import __version__
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ __all__ = [
     "ScheduleError",
     "__version__",
     "compile",
+    "compile_training",
     "load",
     "load_library",
     "reference",

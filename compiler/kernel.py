@@ -101,8 +101,8 @@ class Load(Expr):
 @dataclass(frozen=True, eq=False)
 class Bin(Expr):
     """Arithmetic (+ - * on ints or floats, / on floats, // on non-negative ints), `max`
-    (NaN-propagating, as NumPy's maximum), comparisons (< <= of ints, giving a condition) and
-    `and` of conditions."""
+    (NaN-propagating, as NumPy's maximum), comparisons (< <= of ints or floats, giving a
+    condition; false when a float is NaN) and `and` of conditions."""
 
     op: str
     left: Expr
@@ -111,7 +111,7 @@ class Bin(Expr):
 
 @dataclass(frozen=True, eq=False)
 class Call(Expr):
-    """A math function of floats: `exp`."""
+    """A math function of floats: `exp`, `sqrt`."""
 
     fn: str
     arg: Expr
@@ -322,8 +322,9 @@ class Schedule:
         return Schedule(**values)
 
 
-# A kernel reads its inputs and parameters and writes its outputs.
-BufferRole = Literal["input", "output", "param"]
+# A kernel reads its inputs and parameters and writes its outputs; it may read and write an
+# "inout" buffer (a trainer's accumulated gradients, parameters updated in place).
+BufferRole = Literal["input", "output", "param", "inout"]
 BUFFER_ROLES: tuple[BufferRole, ...] = get_args(BufferRole)
 
 
@@ -331,7 +332,9 @@ BUFFER_ROLES: tuple[BufferRole, ...] = get_args(BufferRole)
 class Buffer:
     """A kernel argument. `size` counts floats per batch block (lanes included).
 
-    Parameters (`role == "param"`) carry their data and are embedded in the generated code.
+    Parameters (`role == "param"`) carry their data and are embedded in the generated code;
+    `param_of` names the model parameter ("layer.param") a buffer holds unchanged, which a
+    trainer binds to the parameter's live value instead.
     """
 
     name: str
@@ -340,6 +343,7 @@ class Buffer:
     data: np.ndarray | None = None
     per_image: int = 0  # the user's arrays: batch * per_image floats, whatever the block
     staged: bool = False  # GPU (`cnnc.gpu_bind`): an input a block copies to shared memory
+    param_of: str = ""
 
 
 # How a bound kernel's threads take the images and points of a batch: neighbouring threads

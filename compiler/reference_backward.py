@@ -16,6 +16,8 @@ import numpy as np
 
 from cnnc import ops
 from cnnc.data import Loss, check_targets
+from cnnc.dropout import MASKED_OPS
+from cnnc.dropout import dropout_masks as make_dropout_masks
 from cnnc.errors import InputError, ModelError
 from cnnc.graph import INPUT, Graph
 from cnnc.reference import check_input
@@ -27,13 +29,15 @@ Reduction = Literal["mean", "sum"]
 class Backward:
     """What one forward and backward pass gives: the loss, the gradient of every trained
     parameter keyed as in the weights file ("layer.param"), the gradient of the input, the
-    output, and in training mode the new running statistics (also "layer.param")."""
+    output, and in training mode the new running statistics (also "layer.param") and the
+    dropout masks it used ({layer: float32 mask})."""
 
     loss: float
     gradients: dict[str, np.ndarray]
     input_gradient: np.ndarray
     output: np.ndarray
     buffers: dict[str, np.ndarray] = field(default_factory=dict)
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def loss_and_gradient(output: np.ndarray, target: np.ndarray, loss: Loss,
@@ -73,14 +77,40 @@ def check_trainable(graph: Graph) -> None:
                              "cannot be trained through it", layer=name, op=graph.op(name))
 
 
+def check_masks(graph: Graph, masks: dict[str, np.ndarray], batch: int
+                ) -> dict[str, np.ndarray]:
+    """The given dropout masks as float64, or InputError unless there is one of shape
+    (batch, *layer's shape) for every dropout layer and no other."""
+    wanted = [name for name in graph.order() if graph.op(name) in MASKED_OPS]
+    unknown = sorted(set(masks) - set(wanted))
+    if unknown:
+        raise InputError(f"dropout masks given for {', '.join(map(repr, unknown))}, which "
+                         f"are not dropout layers of model '{graph.name}'")
+    checked = {}
+    for name in wanted:
+        if name not in masks:
+            raise InputError(f"no dropout mask given for layer '{name}'")
+        mask = np.asarray(masks[name])
+        shape = (batch, *graph.shape(name))
+        if mask.dtype.kind not in "fiub" or mask.shape != shape:
+            raise InputError(f"layer '{name}': its dropout mask must be a float array of "
+                             f"shape {shape}, got {mask.dtype} {mask.shape}")
+        checked[name] = mask.astype(np.float64)
+    return checked
+
+
 def reference_backward(graph: Graph, x: object, y: object, *, loss: Loss = "cross_entropy",
                        reduction: Reduction = "mean", training: bool = False,
-                       params: dict[str, np.ndarray] | None = None) -> Backward:
+                       params: dict[str, np.ndarray] | None = None,
+                       dropout_masks: dict[str, np.ndarray] | None = None, seed: int = 0,
+                       step: int = 0) -> Backward:
     """The loss of `graph` on batch `x` against targets `y`, and every gradient, in float64.
 
     `training` computes as `torch.nn.Module.train()` does (batchnorm over the batch's
-    statistics, and its running statistics updated); otherwise as `eval()`. `params`
-    ("layer.param" -> array) replace the graph's own where given."""
+    statistics, and its running statistics updated; dropout multiplies by a mask, the given
+    `dropout_masks` or else those `cnnc.dropout.dropout_masks(graph, seed, step, batch)`
+    makes); otherwise as `eval()`. `params` ("layer.param" -> array) replace the graph's own
+    where given."""
     check_trainable(graph)
     per_image = 16 * sum(math.prod(graph.shape(name)) for name in graph.order())
     check_input(graph, x, per_image)  # one-line errors for a wrong shape or dtype
@@ -90,6 +120,11 @@ def reference_backward(graph: Graph, x: object, y: object, *, loss: Loss = "cros
     (output_name,) = graph.outputs
     target = check_targets(np.asarray(y), graph.shape(output_name), loss, len(x64))
     params = params or {}
+    masks: dict[str, np.ndarray] = {}
+    if training:
+        given = (dropout_masks if dropout_masks is not None
+                 else make_dropout_masks(graph, seed, step, len(x64)))
+        masks = check_masks(graph, given, len(x64))
     node_params = {name: {key: np.asarray(params.get(f"{name}.{key}", value), np.float64)
                           for key, value in graph.params(name).items()}
                    for name in graph.order()}
@@ -101,7 +136,9 @@ def reference_backward(graph: Graph, x: object, y: object, *, loss: Loss = "cros
             continue
         rule = ops.OPS[graph.op(name)].gradient
         assert rule is not None  # check_trainable
-        operands = [values[operand] for operand in graph.operands(name)]
+        # a masked op reads its mask as a last operand (see dropout's rule in cnnc.ops)
+        operands = [values[operand] for operand in graph.operands(name)] + (
+            [masks[name]] if name in masks else [])
         attrs = graph.attrs(name)
         if training and rule.training_forward is not None:
             values[name], updated = rule.training_forward(attrs, node_params[name], operands)
@@ -124,14 +161,16 @@ def reference_backward(graph: Graph, x: object, y: object, *, loss: Loss = "cros
                               for key in trained})
             continue
         vjp = rule.training_vjp if training and rule.training_vjp is not None else rule.vjp
-        grad_inputs, grad_params = vjp(graph.attrs(name), node_params[name],
-                                       [values[operand] for operand in operands], values[name],
-                                       grads.pop(name))
+        inputs = [values[operand] for operand in operands] + (
+            [masks[name]] if name in masks else [])
+        grad_inputs, grad_params = vjp(graph.attrs(name), node_params[name], inputs,
+                                       values[name], grads.pop(name))
         for operand, grad in zip(operands, grad_inputs):  # a value read twice sums both
             grads[operand] = grads[operand] + grad if operand in grads else grad
         gradients.update({f"{name}.{key}": grad_params[key] for key in trained})
     input_gradient = grads.get(INPUT, np.zeros_like(x64))
-    return Backward(value, gradients, input_gradient, values[output_name], buffers)
+    used = {name: mask.astype(np.float32) for name, mask in masks.items()}
+    return Backward(value, gradients, input_gradient, values[output_name], buffers, used)
 
 
 class Optimizer(Protocol):
@@ -142,26 +181,31 @@ class Optimizer(Protocol):
 
 class ReferenceTrainer:
     """Trains a graph with the reference backward and a NumPy optimizer, in float64: slow and
-    simple, the trajectory that compiled training must follow."""
+    simple, the trajectory that compiled training must follow. Step k (from 0) draws its
+    dropout masks from (`seed`, k), as the compiled trainer does."""
 
     def __init__(self, graph: Graph, optimizer: Optimizer, *, loss: Loss = "cross_entropy",
-                 reduction: Reduction = "mean", training: bool = True) -> None:
+                 reduction: Reduction = "mean", training: bool = True, seed: int = 0) -> None:
         check_trainable(graph)
         self.graph = graph
         self.optimizer = optimizer
         self.loss: Loss = loss
         self.reduction: Reduction = reduction
         self.training = training
+        self.seed = seed
+        self.steps = 0  # steps taken: the `step` of the next step's dropout masks
         self.state = {f"{name}.{key}": value.astype(np.float64)
                       for name in graph.order() for key, value in graph.params(name).items()}
 
     def step(self, x: object, y: object) -> float:
         """One step on one batch; returns the loss before the step."""
         result = reference_backward(self.graph, x, y, loss=self.loss, reduction=self.reduction,
-                                    training=self.training, params=self.state)
+                                    training=self.training, params=self.state,
+                                    seed=self.seed, step=self.steps)
         trained = {key: self.state[key] for key in result.gradients}
         self.optimizer.step(trained, result.gradients)
         self.state.update(result.buffers)
+        self.steps += 1
         return result.loss
 
     def parameters(self) -> dict[str, np.ndarray]:

@@ -42,7 +42,7 @@ from cnnc.target import GPU_MAX_THREADS_PER_BLOCK, GPU_STATIC_SHARED_LIMIT
 
 VERIFY_ENV = "CNNC_VERIFY"  # set to anything but "" or "0" to verify every lowered kernel
 BATCH_VARS = ("block", "batch")  # what a launch gives the kernels that read the batch
-FUNCTIONS = ("exp",)
+FUNCTIONS = ("exp", "sqrt")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 Type = Literal["int", "float", "cond"]
@@ -51,7 +51,8 @@ _ARTICLE = {"int": "an int", "float": "a float", "cond": "a condition"}
 # condition, the others their operands' type.
 _OPERANDS: dict[str, tuple[Type, ...]] = {
     "+": ("int", "float"), "-": ("int", "float"), "*": ("int", "float"),
-    "max": ("int", "float"), "/": ("float",), "//": ("int",), "<": ("int",), "<=": ("int",),
+    "max": ("int", "float"), "/": ("float",), "//": ("int",), "<": ("int", "float"),
+    "<=": ("int", "float"),
     "and": ("cond",),
 }
 
@@ -101,7 +102,7 @@ class _Verifier:
     def run(self) -> None:
         for buffer in self.kernel.buffers:
             self.buffer(buffer)
-        if not any(buffer.role == "output" for buffer in self.kernel.buffers):
+        if not any(buffer.role in ("output", "inout") for buffer in self.kernel.buffers):
             self.fail("no output buffer")
         self.gpu_loops = self.binding()
         bound = set(BATCH_VARS) if self.kernel.uses_batch else set()
@@ -188,7 +189,7 @@ class _Verifier:
                 self.block(stmt.body, bound | {stmt.var}, visible)
             elif isinstance(stmt, Store):
                 role = self.buffers[stmt.buffer].role if stmt.buffer in self.buffers else None
-                if role != "output":
+                if role not in ("output", "inout"):
                     self.fail(f"a store writes {stmt.buffer}, "
                               f"{f'an {role} buffer' if role else 'which is no buffer'}")
                 self.expect(stmt.index, "int", f"the index into {stmt.buffer}", bound, visible)
@@ -251,7 +252,7 @@ class _Verifier:
             return "float"
         if isinstance(node, Load):
             role = self.buffers[node.buffer].role if node.buffer in self.buffers else None
-            if role not in ("input", "param"):
+            if role not in ("input", "param", "inout"):
                 self.fail(f"a load reads {node.buffer}, "
                           f"{f'an {role} buffer' if role else 'which is no buffer'}")
             if parts[0] != "int":

@@ -316,6 +316,8 @@ class CudaPrinter(CStylePrinter):
         return f'CNNC_AT({name}, {index}, {size}, "{self.kernel.name}", "{buffer}")'
 
     def call(self, fn: str, arg: str) -> str:
+        if fn == "sqrt":
+            return f"sqrtf({arg})"
         if fn != "exp":
             raise ValueError(f"no CUDA function for {fn}")
         return f"{'__expf' if self.fast_math else 'expf'}({arg})"

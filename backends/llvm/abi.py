@@ -64,5 +64,11 @@ CALL = Signature("i32", ("i64",) * 7)
 POOL_CALL = Signature("i32", ("ptr", *("i64",) * 6))
 # `cnnc_pool_worker(control, participant, last, spin_cycles) -> last job seen, or -1`.
 POOL_WORKER = Signature("i64", ("ptr", "i64", "i64", "i64"))
+# `cnnc_sequence(arena, table, count, x_slot, y_slot, batch)`: runners one after another on the
+# calling thread, runner table[2i] over table[2i + 1] blocks (a training step's stages).
+SEQUENCE = Signature("i32", ("i64",) * 6)
+# `cnnc_pool_sequence(control, table, count, x_slot, y_slot, batch, arenas)`: the same, each
+# stage shared by the pool's threads.
+POOL_SEQUENCE = Signature("i32", ("ptr", *("i64",) * 6))
 # `cnnc_pool_ticks() -> the CPU's cycle counter`.
 POOL_TICKS = Signature("i64", ())

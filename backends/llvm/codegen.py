@@ -219,6 +219,14 @@ class ModuleBuilder:
             self._intrinsics[full] = ir.Function(self.module, fnty, name=full)
         return self._intrinsics[full]
 
+    def lane_sum(self, width: int) -> ir.Function:
+        """`llvm.vector.reduce.fadd(start, lanes)`: start + lane 0 + lane 1 + ..., in order."""
+        name = f"llvm.vector.reduce.fadd.v{width}f32"
+        if name not in self._intrinsics:
+            fnty = ir.FunctionType(F32, [F32, ir.VectorType(F32, width)])
+            self._intrinsics[name] = ir.Function(self.module, fnty, name=name)
+        return self._intrinsics[name]
+
     def exp(self, type_: ir.Type) -> ir.Function:
         """exp as a Cephes-style polynomial: range reduction by ln 2, a degree-5 polynomial,
         and the exponent built in the bits. About 2 ulp; NaN in, NaN out."""

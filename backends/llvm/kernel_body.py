@@ -80,9 +80,7 @@ class KernelBodyEmitter:
             elif isinstance(stmt, Declare):
                 self.declare(stmt)
             elif isinstance(stmt, Assign):
-                value = self.value(stmt.value)
-                target = self.locals[stmt.local]
-                self.builder.store(self.fit(value, target.type.pointee), target)
+                self.assign(stmt)
             elif isinstance(stmt, If):
                 with self.builder.if_then(self.value(stmt.cond)):
                     self.block(stmt.body)
@@ -117,6 +115,25 @@ class KernelBodyEmitter:
         self.builder.store(self.builder.add(current, ir.Constant(I64, 1)), counter)
         self.builder.branch(header)
         self.builder.position_at_end(done)
+
+    def assign(self, stmt: Assign) -> None:
+        target = self.locals[stmt.local]
+        if self.width and not isinstance(target.type.pointee, ir.VectorType):
+            # A scalar declared outside the lane loop, summing a lane value: `s = s + v` adds
+            # lane 0's v, then lane 1's, ... as the scalar loop would. LLVM's ordered (not
+            # reassociated) reduction does exactly that, so the bits do not depend on the
+            # vector width.
+            value = stmt.value
+            if not (isinstance(value, Bin) and value.op == "+" and
+                    isinstance(value.left, Local) and value.left.name == stmt.local):
+                raise TypeError(f"a lane loop assigns {stmt.local}, declared outside it, "
+                                "other than by a sum")
+            lanes = self.fit(self.value(value.right), ir.VectorType(F32, self.width))
+            total = self.builder.call(self.owner.lane_sum(self.width),
+                                      [self.builder.load(target), lanes])
+            self.builder.store(total, target)
+            return
+        self.builder.store(self.fit(self.value(stmt.value), target.type.pointee), target)
 
     def declare(self, stmt: Declare) -> None:
         if stmt.local not in self.locals:
@@ -230,6 +247,9 @@ class KernelBodyEmitter:
             argument = self.value(expr.arg)
             if expr.fn == "exp":
                 return builder.call(self.owner.exp(argument.type), [argument])
+            if expr.fn == "sqrt":
+                return builder.call(self.owner.intrinsic("llvm.sqrt", argument.type, 1),
+                                    [argument])
             raise ValueError(f"unknown function {expr.fn}")
         if isinstance(expr, Select):
             cond = self.value(expr.cond)
@@ -263,6 +283,8 @@ class KernelBodyEmitter:
         if expr.op == "and":
             return builder.and_(left, right)
         if is_float(left.type):
+            if expr.op in ("<", "<="):
+                return builder.fcmp_ordered(expr.op, left, right)
             if expr.op == "max":
                 return builder.call(self.owner.intrinsic("llvm.maximum", left.type, 2),
                                     [left, right])

@@ -31,6 +31,7 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
 
 import numpy as np
 from llvmlite import ir
@@ -187,6 +188,47 @@ def build_module() -> ir.Module:
     since.add_incoming(since, builder.block)
     builder.branch(loop)
 
+    # --- sequences: a training step's stages, one native call ---------------------------------
+    def stages(name: str, signature: abi.Signature, step: Callable[..., ir.Value]) -> None:
+        """`name(lead, table, count, ...)`: stage i runs runner table[2i] over table[2i+1]
+        blocks through `step`, in order; stops at the first non-zero status."""
+        function = ir.Function(module, signature.ir_type(i64_ptr), name)
+        lead, table, count, *rest = function.args
+        builder = ir.IRBuilder(function.append_basic_block("entry"))
+        counter = builder.alloca(I64)
+        builder.store(ir.Constant(I64, 0), counter)
+        head = function.append_basic_block("head")
+        body = function.append_basic_block("body")
+        done = function.append_basic_block("done")
+        builder.branch(head)
+        builder.position_at_end(head)
+        index = builder.load(counter)
+        builder.cbranch(builder.icmp_signed("<", index, count), body, done)
+        builder.position_at_end(body)
+        pair = builder.gep(builder.inttoptr(table, i64_ptr), [builder.shl(index, ir.Constant(
+            I64, 1))])
+        runner, blocks = builder.load(pair), builder.load(builder.gep(pair, [ir.Constant(I64, 1)]))
+        status = step(builder, lead, runner, blocks, *rest)
+        builder.store(builder.add(index, ir.Constant(I64, 1)), counter)
+        with builder.if_then(builder.icmp_signed("!=", status, ir.Constant(I32, 0))):
+            builder.ret(status)
+        builder.branch(head)
+        builder.position_at_end(done)
+        builder.ret(ir.Constant(I32, 0))
+
+    def alone(builder: ir.IRBuilder, arena: ir.Value, runner: ir.Value, blocks: ir.Value,
+              x_slot: ir.Value, y_slot: ir.Value, batch: ir.Value) -> ir.Value:
+        return builder.call(single, [runner, x_slot, y_slot, batch, ir.Constant(I64, 0), blocks,
+                                     arena])
+
+    def pooled(builder: ir.IRBuilder, control: ir.Value, runner: ir.Value, blocks: ir.Value,
+               x_slot: ir.Value, y_slot: ir.Value, batch: ir.Value, arenas: ir.Value
+               ) -> ir.Value:
+        return builder.call(call, [control, runner, x_slot, y_slot, batch, blocks, arenas])
+
+    stages("cnnc_sequence", abi.SEQUENCE, alone)
+    stages("cnnc_pool_sequence", abi.POOL_SEQUENCE, pooled)
+
     ticks = ir.Function(module, abi.POOL_TICKS.ir_type(i64_ptr), "cnnc_pool_ticks")
     builder = ir.IRBuilder(ticks.append_basic_block("entry"))
     builder.ret(builder.call(cycles, []))
@@ -201,6 +243,9 @@ class _Native:
         self.call = abi.CALL.function(self.library.address("cnnc_call"))
         self.pool_call = abi.POOL_CALL.function(self.library.address("cnnc_pool_call"))
         self.worker = abi.POOL_WORKER.function(self.library.address("cnnc_pool_worker"))
+        self.sequence = abi.SEQUENCE.function(self.library.address("cnnc_sequence"))
+        self.pool_sequence = abi.POOL_SEQUENCE.function(
+            self.library.address("cnnc_pool_sequence"))
         ticks = abi.POOL_TICKS.function(self.library.address("cnnc_pool_ticks"))
         clock, start = time.perf_counter(), ticks()
         time.sleep(0.002)
@@ -277,6 +322,23 @@ class ThreadPool:
                     self._sleepers.wake.notify_all()
             return int(self._native.pool_call(self._address, runner, x_slot, y_slot, batch,
                                               blocks, arenas))
+        finally:
+            self._lock.release()
+
+    def try_sequence(self, table: int, count: int, x_slot: int, y_slot: int, batch: int,
+                     arenas: int) -> int | None:
+        """`try_call` for each of `count` stages in turn, in one native call: stage i is
+        runner table[2i] over table[2i + 1] blocks (a training step)."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            if not self._workers:
+                self._start()
+            if self._sleepers.count:
+                with self._sleepers.wake:
+                    self._sleepers.wake.notify_all()
+            return int(self._native.pool_sequence(self._address, table, count, x_slot, y_slot,
+                                                  batch, arenas))
         finally:
             self._lock.release()
 

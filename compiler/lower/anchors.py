@@ -21,8 +21,8 @@ from cnnc.passes.fuse import tensor_of
 Producer = Callable[[KernelContext, str, list[Expr], list[list[Expr]], list[Stmt]], list[Expr]]
 
 
-def _bias(ctx: KernelContext, params: dict[str, np.ndarray]) -> str | None:
-    return ctx.channel_param(params["bias"]) if "bias" in params else None
+def _bias(ctx: KernelContext, node: str, params: dict[str, np.ndarray]) -> str | None:
+    return ctx.channel_param(params["bias"], f"{node}.bias") if "bias" in params else None
 
 
 def conv2d(ctx: KernelContext, node: str, channels: list[Expr], spots: list[list[Expr]],
@@ -38,8 +38,9 @@ def conv2d(ctx: KernelContext, node: str, channels: list[Expr], spots: list[list
     (kh, kw), (sh, sw), (dh, dw) = attrs["kernel_size"], attrs["stride"], attrs["dilation"]
     (top, bottom), (left, right) = attrs["padding"]
     weight = params["weight"]
-    weights = ctx.param(layout.conv_weights(weight))
-    bias = _bias(ctx, params)
+    packed_weight = layout.conv_weights(weight)
+    weights = ctx.param(packed_weight, f"{node}.weight" if packed_weight is weight else "")
+    bias = _bias(ctx, node, params)
     source_buffer = ctx.input_buffer(source)
 
     accumulators = [ctx.fresh("acc") for _ in pairs(spots, channels)]
@@ -95,7 +96,7 @@ def dense(ctx: KernelContext, node: str, channels: list[Expr], spots: list[list[
     source = graph.operands(node)[0]
     features = graph.shape(source)[0]
     units = graph.shape(node)[0]
-    bias = _bias(ctx, params)
+    bias = _bias(ctx, node, params)
     source_buffer = ctx.input_buffer(source)
     accumulators = [ctx.fresh("acc") for _ in channels]
     for channel, acc in zip(channels, accumulators):
@@ -119,7 +120,7 @@ def dense(ctx: KernelContext, node: str, channels: list[Expr], spots: list[list[
         stmts.append(For(ci.name, stored[0], [For(point.name, area, update, role="reduce")],
                          role="reduce"))
         return [Local(acc) for acc in accumulators]
-    weights = ctx.param(params["weight"])
+    weights = ctx.param(params["weight"], f"{node}.weight")
     k = Var(ctx.fresh("k"))
     # The flattened input is the same memory as the 4-D tensor it views.
     update = [Declare(pixel, Load(source_buffer, layout.index((features,), [k])))]

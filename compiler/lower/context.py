@@ -37,17 +37,20 @@ class KernelContext:
         self.bindings[name] = tensor
         return name
 
-    def param(self, data: np.ndarray) -> str:
+    def param(self, data: np.ndarray, param_of: str = "") -> str:
+        """A parameter buffer; `param_of` ("layer.param") when it is that model parameter
+        unchanged (not packed, padded or folded), so that a trainer can bind it."""
         name = f"p{sum(1 for buffer in self.buffers if buffer.role == 'param')}"
         flat = np.ascontiguousarray(data, dtype=np.float32).ravel()
-        self.buffers.append(Buffer(name, flat.size, "param", flat))
+        self.buffers.append(Buffer(name, flat.size, "param", flat, param_of=param_of))
         return name
 
-    def channel_param(self, values: np.ndarray) -> str:
+    def channel_param(self, values: np.ndarray, param_of: str = "") -> str:
         """A per-channel parameter, padded with zeros to the stored channel count."""
-        padded = np.zeros(self.layout.channels(len(values)), np.float32)
+        count = self.layout.channels(len(values))
+        padded = np.zeros(count, np.float32)
         padded[: len(values)] = values
-        return self.param(padded)
+        return self.param(padded, param_of if count == len(values) else "")
 
     def fresh(self, stem: str) -> str:
         self.counter += 1

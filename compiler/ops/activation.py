@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from cnnc.kernel import Call, Const, Expr, maximum
-from cnnc.ops.elementwise import pointwise_gradient
+from cnnc.kernel import Bin, Call, Const, Expr, Select, maximum
+from cnnc.ops.elementwise import pointwise_gradient, positive
 from cnnc.ops.spec import (
     Attr,
     Attrs,
@@ -199,10 +199,26 @@ def _inside(x: np.ndarray, low: float | None, high: float | None) -> np.ndarray:
     return ((x >= low) & (x <= high)).astype(np.float64)
 
 
+# In training mode dropout reads its mask (0 or 1/(1-p), made on the host by
+# `cnnc.dropout.dropout_masks`) as a second operand after x, which `reference_backward`
+# appends. An operand, not a reserved key of `params` or `attrs`: it is a per-batch array
+# like x, not a trained parameter nor a setting of the layer, and the compiled trainer takes
+# it as an input array too; the vector-Jacobian product already receives the operands.
+def _dropout_mask(xs: list[np.ndarray]) -> np.ndarray:
+    if len(xs) != 2 or xs[1].shape != xs[0].shape:
+        raise ValueError("dropout in training mode needs its mask, of the input's shape, as a "
+                         "second operand (cnnc.dropout.dropout_masks makes it)")
+    return xs[1]
+
+
 def _dropout_training(attrs: Attrs, params: Params, xs: list[np.ndarray]
                       ) -> tuple[np.ndarray, Params]:
-    raise NotImplementedError("dropout in training mode (a seeded mask) is not built yet; "
-                              "train with training=False or without dropout")
+    return xs[0] * _dropout_mask(xs), {}
+
+
+def _dropout_training_vjp(attrs: Attrs, params: Params, xs: list[np.ndarray], out: np.ndarray,
+                          grad_out: np.ndarray) -> tuple[list[np.ndarray], Params]:
+    return [grad_out * _dropout_mask(xs)], {}  # the mask is data: it gets no gradient
 
 
 def _channel_mul_vjp(attrs: Attrs, params: Params, xs: list[np.ndarray], out: np.ndarray,
@@ -236,7 +252,10 @@ SPECS = (
         onnx=OnnxForm("Clip", constants=lambda attrs: (np.float32(0.0), np.float32(6.0))),
         torch=lambda torch, attrs, params, xs: torch.nn.functional.relu6(xs[0]),
         fuzz=FuzzForm(image=0.2, flat=0.2),
-        gradient=pointwise_gradient(lambda x, out: ((x > 0) & (x < 6)).astype(np.float64)),
+        gradient=pointwise_gradient(
+            lambda x, out: ((x > 0) & (x < 6)).astype(np.float64),
+            lambda x, out, g, attrs: Select(Bin("and", positive(x), Bin("<", x, Const(6.0))),
+                                            g, Const(0.0))),
     ),
     OpSpec(
         "clip", "elementwise",
@@ -271,8 +290,10 @@ SPECS = (
         flops=_per_element_times(4), onnx=OnnxForm("HardSwish"),
         torch=lambda torch, attrs, params, xs: torch.nn.functional.hardswish(xs[0]),
         fuzz=FuzzForm(image=0.2, flat=0.2),
-        gradient=pointwise_gradient(lambda x, out: np.where(
-            x < -3, 0.0, np.where(x <= 3, x / 3 + 0.5, 1.0))),
+        gradient=pointwise_gradient(
+            lambda x, out: np.where(x < -3, 0.0, np.where(x <= 3, x / 3 + 0.5, 1.0)),
+            lambda x, out, g, attrs: Select(Bin("<", x, Const(-3.0)), Const(0.0), Select(
+                Bin("<=", x, Const(3.0)), g * (x / 3.0 + 0.5), g))),
     ),
     OpSpec(
         "elu", "elementwise", attrs=(Attr("alpha", "number", default=1.0),),
@@ -321,7 +342,7 @@ SPECS = (
         torch=lambda torch, attrs, params, xs: xs[0],
         fuzz=FuzzForm(image=0.2, flat=0.2),
         gradient=GradientRule(pointwise_gradient(lambda x, out: np.ones_like(x)).vjp,
-                              _dropout_training),
+                              _dropout_training, _dropout_training_vjp),
     ),
     OpSpec(
         "channel_mul", "elementwise",

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnc.kernel import Call, Const, Expr, maximum
+from cnnc.kernel import Bin, Call, Const, Expr, Select, maximum
 from cnnc.ops.spec import (
     Attr,
     Attrs,
@@ -106,14 +106,21 @@ def batchnorm_vjp(attrs: Attrs, params: Params, xs: list[np.ndarray], out: np.nd
         "bias": grad_out.sum(axis=_CHANNELS)}
 
 
-def pointwise_gradient(derivative: Callable[[np.ndarray, np.ndarray], np.ndarray]
+def pointwise_gradient(derivative: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                       lower: Callable[[Expr, Expr, Expr, Attrs], Expr] | None = None
                        ) -> GradientRule:
-    """The rule of a one-input elementwise op from its derivative at (input, output)."""
+    """The rule of a one-input elementwise op from its derivative at (input, output), and
+    `lower`, the input's gradient (input, output, gradient, attrs) -> Expr in the kernel IR."""
     def vjp(attrs: Attrs, params: Params, xs: list[np.ndarray], out: np.ndarray,
             grad_out: np.ndarray) -> tuple[list[np.ndarray], Params]:
         return [grad_out * derivative(xs[0], out)], {}
 
-    return GradientRule(vjp)
+    return GradientRule(vjp, lower=lower)
+
+
+def positive(x: Expr) -> Expr:
+    """0 < x, a condition of the kernel IR."""
+    return Bin("<", Const(0.0), x)
 
 
 def _add_vjp(attrs: Attrs, params: Params, xs: list[np.ndarray], out: np.ndarray,
@@ -196,21 +203,24 @@ SPECS = (
         activation=True, lower=_lower_sigmoid, flops=_per_element_times(4),
         onnx=OnnxForm("Sigmoid"), torch=lambda torch, attrs, params, xs: torch.sigmoid(xs[0]),
         fuzz=FuzzForm(image=0.8, flat=0.8),
-        gradient=pointwise_gradient(lambda x, out: out * (1 - out)),
+        gradient=pointwise_gradient(lambda x, out: out * (1 - out),
+                                    lambda x, out, g, attrs: g * (Const(1.0) - out) * out),
     ),
     OpSpec(
         "relu", "elementwise", compute=lambda attrs, params, xs: np.maximum(xs[0], 0),
         activation=True, lower=lambda xs: maximum(xs[0], Const(0.0)),
         onnx=OnnxForm("Relu"), torch=lambda torch, attrs, params, xs: torch.relu(xs[0]),
         fuzz=FuzzForm(image=0.8, flat=0.8),
-        gradient=pointwise_gradient(lambda x, out: (x > 0).astype(np.float64)),
+        gradient=pointwise_gradient(lambda x, out: (x > 0).astype(np.float64),
+                                    lambda x, out, g, attrs: Select(positive(x), g, Const(0.0))),
     ),
     OpSpec(
         "tanh", "elementwise", compute=lambda attrs, params, xs: np.tanh(xs[0]),
         activation=True, lower=_lower_tanh, flops=_per_element_times(4),
         onnx=OnnxForm("Tanh"), torch=lambda torch, attrs, params, xs: torch.tanh(xs[0]),
         fuzz=FuzzForm(image=0.8, flat=0.8),
-        gradient=pointwise_gradient(lambda x, out: 1 - out**2),
+        gradient=pointwise_gradient(lambda x, out: 1 - out**2,
+                                    lambda x, out, g, attrs: g * (Const(1.0) - out * out)),
     ),
     OpSpec(
         "add", "elementwise", min_inputs=2, max_inputs=64, infer=_same_shapes,

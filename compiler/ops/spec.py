@@ -199,12 +199,16 @@ class GradientRule:
     """How an op differentiates, in float64 NumPy: the oracle that compiled backward kernels
     must match. `vjp` is the eval-mode rule. An op that computes differently while training
     (batchnorm: batch statistics) also has `training_forward` and `training_vjp`. `buffers`
-    are parameters that are state, not trained (running statistics): they get no gradient."""
+    are parameters that are state, not trained (running statistics): they get no gradient.
+    `lower` is the same rule in the kernel IR, for an elementwise op that training compiles."""
 
     vjp: VJP
     training_forward: TrainingForward | None = None
     training_vjp: VJP | None = None
     buffers: tuple[str, ...] = ()
+    # An elementwise op's input gradient at a point, in the kernel IR, for compiled training:
+    # (input, output, output's gradient, attrs) -> the input's gradient.
+    lower: Callable[[Expr, Expr, Expr, Attrs], Expr] | None = None
 
 
 # torch.nn's form: (torch, attrs, params as tensors (absent ones None), operands) -> result
