@@ -25,6 +25,7 @@ from cnnc.cli_options import (
     input_shape_option,
     make_directory,
 )
+from cnnc.cli_train import train
 from cnnc.compare import ATOL, RTOL, OutputCheck, check_outputs
 from cnnc.driver import TARGETS as COMPILED_TARGETS
 from cnnc.driver import export_kinds
@@ -77,7 +78,7 @@ class _Cli(click.Group):
 @click.version_option(__version__, "--version", "-V", prog_name="cnnc",
                       message="%(prog)s %(version)s")
 def main() -> None:
-    """cnnc compiles small convolutional networks (LeNet-class) and runs them.
+    """cnnc compiles small convolutional networks (LeNet-class), runs and trains them.
 
     A MODEL is a YAML file in cnnc's model format (see docs/model-format.md). Every mistake in
     a model or an input is reported as `error: FILE:LINE: layer 'NAME' (OP): ...` on stderr
@@ -319,6 +320,8 @@ def _shape_text(array: np.ndarray) -> str:
     # The graph's notation, with the batch size in place of N.
     return format_shape(tuple(array.shape[1:]), batch=str(array.shape[0]))
 
+
+main.add_command(train)
 
 if __name__ == "__main__":
     main(prog_name="cnnc")

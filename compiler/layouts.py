@@ -82,9 +82,11 @@ class Layout:
         (of `count` channels in all), which one load per tap could not serve."""
         return False
 
-    def tap_channels(self, channels: list[Expr], groups: int, out_channels: int) -> list[Expr]:
+    def tap_channels(self, channels: list[Expr], groups: int, in_channels: int,
+                     out_channels: int) -> list[Expr]:
         """The output channels whose group picks the input channel a conv tap reads: one
-        for the whole tile, or one per channel where lanes may be in different groups."""
+        for the whole tile, or one per channel where channels of the tile may be in
+        different groups."""
         return channels[:1]
 
 
@@ -123,8 +125,14 @@ class BatchLayout(Layout):
 
     def tile_straddles_group(self, count: int, groups: int, block: int) -> bool:
         """One load of an input channel serves the whole tile, so the tile must stay in one
-        group."""
-        return (count // groups) % block != 0
+        group; a depthwise tile loads per channel instead (`tap_channels`)."""
+        return groups != count and (count // groups) % block != 0
+
+    def tap_channels(self, channels: list[Expr], groups: int, in_channels: int,
+                     out_channels: int) -> list[Expr]:
+        """In a depthwise convolution (one output channel a group) every channel of the tile
+        reads an input channel of its own."""
+        return list(channels) if groups == out_channels > 1 else channels[:1]
 
 
 @dataclass(frozen=True)
@@ -178,11 +186,17 @@ class ChannelLayout(Layout):
         out_channels, _, kh, kw = shape
         return ((ic * kh + ky) * kw + kx) * self.channels(out_channels) + channel
 
-    def tap_channels(self, channels: list[Expr], groups: int, out_channels: int) -> list[Expr]:
+    def tap_channels(self, channels: list[Expr], groups: int, in_channels: int,
+                     out_channels: int) -> list[Expr]:
         """Each lane may be in a group of its own; padding lanes read a real group's input,
-        not past it."""
+        not past it. One output channel a group (depthwise) reads the input channel of the
+        same number, and the input's padding lanes are as many: the index stays
+        consecutive in the lanes, one vector load instead of a lane-by-lane gather (what a
+        padding lane reads meets a zero weight and stays in a padding lane)."""
         if groups == 1:
             return channels[:1]
+        if groups == in_channels == out_channels:
+            return list(channels)
         return [Select(less(channel, out_channels), channel, Const(out_channels - 1))
                 for channel in channels]
 

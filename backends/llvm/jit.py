@@ -95,7 +95,14 @@ def pack_params(variants: list[Variant]) -> tuple[np.ndarray, dict[str, int]]:
                     chunks.append(chunk)
                     size += padded
     packed = np.concatenate(chunks) if chunks else np.zeros(16, np.float32)
-    return packed, offsets
+    # The offsets are 64-byte aligned only if the array is; else every vector load of a
+    # weight splits two cache lines (measured: the 1x1 conv + global pooling of the zoo's
+    # MobileNet 1.6x slower at batch 1).
+    raw = np.zeros(packed.size + 16, np.float32)
+    start = (-raw.ctypes.data % 64) // 4
+    aligned = raw[start: start + packed.size]
+    aligned[:] = packed
+    return aligned, offsets
 
 
 def kernel_symbols(variants: list[Variant]) -> list[str]:

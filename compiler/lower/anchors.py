@@ -58,7 +58,7 @@ def conv2d(ctx: KernelContext, node: str, channels: list[Expr], spots: list[list
         col = spot[1] * sw + kx * dw - left
         # Which input channel a tap reads: one load serves the tile unless its lanes may be
         # in groups of their own.
-        sources = layout.tap_channels(channels, groups, out_channels)
+        sources = layout.tap_channels(channels, groups, in_channels, out_channels)
         pixels = [ctx.fresh("v") for _ in sources]
         point: list[Stmt] = []
         for channel, pixel in zip(sources, pixels):

@@ -85,6 +85,16 @@ def _window_attrs(ctx: KernelContext, window: str) -> dict[str, Any]:
     return ctx.graph.attrs(window)
 
 
+def window_block(ctx: KernelContext, window: str, spots: int) -> int:
+    """Points of a window row computed together: in a kernel that pools its whole image into
+    one point, `x_block` tiles the rows of the pooled image instead (a register tile of
+    channels by points of the producer, as in a kernel without a window); else 1."""
+    if spots != 1 or not ops.OPS[ctx.graph.op(window)].window.whole_image:  # type: ignore[union-attr]
+        return 1
+    width = ctx.graph.shape(ctx.graph.operands(window)[0])[-1]
+    return ctx.schedule.x_block if width % ctx.schedule.x_block == 0 else 1
+
+
 def _x_block_allowed(ctx: KernelContext) -> bool:
     """Points of a row share a pooling window's loops only when no window hangs over the edge
     of the input (else each point would need a check of its own)."""
@@ -147,20 +157,25 @@ def pool(ctx: KernelContext, window: str, head: list[str], channels: list[Expr],
     for result in results:
         stmts.append(Declare(result, Const(rule.init)))
     wy, wx = Var(ctx.fresh("wy")), Var(ctx.fresh("wx"))
-    inner_spots = [[spot[0] * sh + wy - top, spot[1] * sw + wx - left] for spot in spots]
+    across = window_block(ctx, window, len(spots))
+    inner_spots = [[spot[0] * sh + wy - top, spot[1] * sw + wx * across + step - left]
+                   for spot in spots for step in range(across)]
     inner: list[Stmt] = []
     if head:
         values = produce(ctx, head, channels, inner_spots, inner)
     else:
         values = [Load(ctx.input_buffer(source), ctx.index(source, [channel, *spot]))
                   for spot, channel in pairs(inner_spots, channels)]
-    for result, value in zip(results, values):
+    # The window's points are combined in the order of the plain loop: the same sum.
+    for number, value in enumerate(values):
+        spot, channel = divmod(number, len(channels))
+        result = results[spot // across * len(channels) + channel]
         inner.append(Assign(result, rule.combine(Local(result), value)))
     out_h, out_w = graph.shape(window)[1:]
     if not _x_block_allowed(ctx):  # then there is one spot: guard it
         row, col = inner_spots[0]
         inner = guarded(inner, all_of(in_range(row, height), in_range(col, width)))
-    stmts.append(For(wy.name, kh, [For(wx.name, kw, inner, "serial", role="window")],
+    stmts.append(For(wy.name, kh, [For(wx.name, kw // across, inner, "serial", role="window")],
                      "serial", role="window"))
     if not rule.average:
         return [Local(result) for result in results]

@@ -16,6 +16,7 @@ import math
 from cnnc import ops
 from cnnc.graph import Graph
 from cnnc.kernel import Schedule
+from cnnc.layouts import Layout
 from cnnc.passes.fuse import tensor_of
 from cnnc.passes.layout import layout_of
 from cnnc.passes.options import GPU_TARGETS, Options
@@ -63,6 +64,10 @@ def tile(graph: Graph, options: Options) -> Graph:
         if options.target in GPU_TARGETS:
             picked = _gpu_schedule(graph, group, picked, channels,
                                    gpu_arch(options.arch or DEFAULT_GPU_ARCH))
+        elif options.cpu is not None and is_depthwise(graph, producer):
+            picked = _depthwise_schedule(graph, group, picked, layout, options.cpu)
+        elif options.cpu is not None and is_pointwise_conv(graph, producer):
+            picked = _pointwise_schedule(graph, group, picked, layout, options.cpu)
         facts = kernel_facts(graph, group)
         kernels.append(facts)
         # Overrides: for every kernel ("*"), by name, then a tuned record for exactly this
@@ -85,14 +90,90 @@ def is_anchor(graph: Graph, name: str) -> bool:
     return ops.OPS[graph.op(name)].kind == "anchor"
 
 
+def is_depthwise(graph: Graph, name: str) -> bool:
+    """Whether node `name` is a depthwise convolution: one input and one output channel a
+    group, so that no sum runs across channels."""
+    if graph.op(name) != "conv2d":
+        return False
+    groups = graph.attrs(name)["groups"]
+    source = graph.operands(name)[0]
+    return groups > 1 and groups == graph.shape(name)[0] == graph.shape(source)[0]
+
+
+def _depthwise_schedule(graph: Graph, group: Group, picked: Schedule, layout: Layout,
+                        cpu: CpuIsa) -> Schedule:
+    """A depthwise convolution's accumulator sums only its kh x kw taps: one chain of
+    dependent FMAs, which alone leaves the FMA pipes idle. Its register tile runs along the
+    row first (`x_block` points, each weight load serving all of them), then over channel
+    steps (whose accumulators are independent chains too), as many as the CPU's register
+    tile holds; the window loops are unrolled so that neighbouring points share input loads
+    and the taps' weight offsets are constants."""
+    x_block = _largest_divisor(_tiled_rows(graph, group), cpu.register_tile)
+    steps = layout.channel_steps(graph.shape(group.producer)[0])
+    oc_block = _largest_divisor(steps, max(1, cpu.register_tile // x_block))
+    kh, kw = graph.attrs(group.producer)["kernel_size"]
+    return picked.replace(oc_block=oc_block, x_block=x_block, unroll_max=max(kh, kw))
+
+
+def is_pointwise_conv(graph: Graph, name: str) -> bool:
+    """Whether node `name` is a 1x1 convolution without groups: a matrix product at every
+    point, channels by input channels."""
+    if graph.op(name) != "conv2d":
+        return False
+    attrs = graph.attrs(name)
+    return attrs["groups"] == 1 and tuple(attrs["kernel_size"]) == (1, 1)
+
+
+def _pointwise_schedule(graph: Graph, group: Group, picked: Schedule, layout: Layout,
+                        cpu: CpuIsa) -> Schedule:
+    """A 1x1 convolution is a matrix product: its register tile of `oc_block` channel steps
+    by `x_block` points reads oc_block + x_block values (weights, inputs) for oc_block x
+    x_block FMAs, so the tile is the one of the CPU's register tile with the most FMAs per
+    load. Fused with a global pooling the points are those of the pooled rows, and each
+    channel step keeps a pooling sum in a register as well."""
+    rows = _tiled_rows(graph, group)
+    steps = layout.channel_steps(graph.shape(group.producer)[0])
+    pooled = group.window is not None
+    best = (1, 1)
+    for oc_block in _divisors(steps):
+        for x_block in _divisors(rows):
+            registers = oc_block * x_block + (oc_block if pooled else 0)
+            if registers > cpu.register_tile:
+                continue
+            if _per_load(oc_block, x_block) > _per_load(*best):
+                best = (oc_block, x_block)
+    return picked.replace(oc_block=best[0], x_block=best[1])
+
+
+def _per_load(oc_block: int, x_block: int) -> tuple[float, int, int]:
+    """FMAs per load of a tile, then the larger tile, then the more channels."""
+    return (oc_block * x_block / (oc_block + x_block), oc_block * x_block, oc_block)
+
+
+def _divisors(number: int) -> list[int]:
+    return [divisor for divisor in range(1, number + 1) if number % divisor == 0]
+
+
+def _tiled_rows(graph: Graph, group: Group) -> int:
+    """The width of the rows a kernel's `x_block` tiles: its output rows, or in a kernel that
+    pools its whole image into one point the rows of that image (`lower.template`); 1 when
+    the output has no rows."""
+    window = group.window
+    if window is not None and ops.OPS[graph.op(window)].window.whole_image:  # type: ignore[union-attr]
+        return int(graph.shape(graph.operands(window)[0])[-1])
+    shape = graph.shape(group.output)
+    return int(shape[-1]) if len(shape) == 3 else 1
+
+
 def kernel_facts(graph: Graph, group: Group) -> KernelFacts:
     """What a schedule file's values for `group` must fit: the output channels of its
     convolution or dense layer (the most `oc_block` can take), the width of its output rows
     (the most `x_block` can take)."""
     producer = group.producer
     channels = graph.shape(producer)[0] if is_anchor(graph, producer) else None
+    rows = _tiled_rows(graph, group)
     shape = graph.shape(group.output)
-    return KernelFacts(group.name, channels, shape[-1] if len(shape) == 3 else None)
+    return KernelFacts(group.name, channels, rows if len(shape) == 3 else None)
 
 
 def signature(graph: Graph, group: Group, layout: str) -> str:
