@@ -52,6 +52,22 @@ VARIETY: list[Layer] = [
 ]
 
 
+# Batch norm in training mode (batch statistics; a conv without bias before it, as in ResNets)
+# and dropout with its seeded mask.
+NORMALISED: list[Layer] = [
+    ("c1", "conv2d", ["input"], {"out_channels": 4, "kernel_size": 3, "padding": 1,
+                                 "bias": False}),
+    ("bn1", "batchnorm2d", ["c1"], {}),
+    ("r1", "relu", ["bn1"], {}),
+    ("c2", "conv2d", ["r1"], {"out_channels": 4, "kernel_size": 3, "stride": 2}),
+    ("bn2", "batchnorm2d", ["c2"], {"eps": 1e-3}),
+    ("join", "add", ["bn2", "bn2"], {}),
+    ("f", "flatten", ["join"], {}),
+    ("drop", "dropout", ["f"], {"p": 0.3}),
+    ("d", "dense", ["drop"], {"units": 5}),
+]
+
+
 def build(input_shape: tuple[int, ...], layers: list[Layer], seed: int = 0) -> cnnc.Graph:
     rng = np.random.default_rng(seed)
     graph = cnnc.Graph("test", input_shape)
@@ -96,6 +112,52 @@ def test_compiled_gradients_match_the_reference(layers: list[Layer], shape: tupl
     assert set(gradients) == set(expected.gradients)
     for key, grad in expected.gradients.items():
         check_output(gradients[key], grad, key)
+
+
+def normalised() -> cnnc.Graph:
+    graph = build((2, 7, 7), NORMALISED)
+    for name in ("bn1", "bn2"):
+        graph.params(name)["running_var"] = np.abs(graph.params(name)["running_var"]) + 0.5
+    return graph
+
+
+@pytest.mark.parametrize("count", [3, 21])
+def test_batchnorm_and_dropout_train_as_the_reference(count: int) -> None:
+    """In training mode: batch statistics (of the batch's images only, not a block's empty
+    lanes), the running statistics PyTorch keeps, and dropout with step k's mask."""
+    graph = normalised()
+    x, y = batch(graph, count, "cross_entropy")
+    expected = reference_backward(graph, x, y, training=True, seed=4, step=0)
+    trainer = cnnc.compile_training(graph, optimizer=SGD(lr=0.0), batch_size=32, threads=1,
+                                    seed=4)
+    assert_allclose(trainer.step(x, y), expected.loss, rtol=1e-5)
+    for key, grad in expected.gradients.items():
+        check_output(trainer.gradients()[key], grad, key)
+    for key, value in expected.buffers.items():
+        check_output(trainer.parameters()[key], value, key)
+    # eval mode reads the running statistics; dropout is the identity there
+    check_output(trainer.scores(x), cnnc.reference(_with(graph, trainer.parameters()), x),
+                 "eval scores")
+
+
+def _with(graph: cnnc.Graph, params: dict[str, np.ndarray]) -> cnnc.Graph:
+    other = graph.copy()
+    for key, value in params.items():
+        layer, name = key.rsplit(".", 1)
+        other.params(layer)[name] = value
+    return other
+
+
+def test_batchnorm_and_dropout_steps_follow_the_reference_trainer() -> None:
+    graph = normalised()
+    compiled = cnnc.compile_training(graph, optimizer=SGD(lr=0.1, momentum=0.9), batch_size=20,
+                                     threads=2, seed=7)
+    reference = ReferenceTrainer(graph, SGD(lr=0.1, momentum=0.9), seed=7)
+    for step in range(4):
+        x, y = batch(graph, 20 - step, "cross_entropy", seed=step)
+        assert_allclose(compiled.step(x, y), reference.step(x, y), rtol=1e-4)
+    for key, value in reference.parameters().items():
+        check_output(compiled.parameters()[key], value, key)
 
 
 def test_compiled_lenet_of_the_book_matches_the_reference() -> None:
@@ -186,12 +248,12 @@ def test_trained_weights_run_in_the_inference_model(tmp_path: Path) -> None:
 def test_what_cannot_be_compiled_is_named_at_once() -> None:
     layers: list[Layer] = [
         ("c", "conv2d", ["input"], {"out_channels": 2, "kernel_size": 3}),
-        ("bn", "batchnorm2d", ["c"], {}),
-        ("sm", "softmax", ["bn"], {}),
+        ("pad", "pad", ["c"], {"pads": 1}),
+        ("sm", "softmax", ["pad"], {}),
         ("f", "flatten", ["sm"], {}),
         ("d", "dense", ["f"], {"units": 3}),
     ]
-    with pytest.raises(ModelError, match=r"'bn' \(batchnorm2d\), 'sm' \(softmax\)"):
+    with pytest.raises(ModelError, match=r"'pad' \(pad\), 'sm' \(softmax\)"):
         cnnc.compile_training(build((1, 6, 6), layers), batch_size=4)
 
 

@@ -36,6 +36,7 @@ from cnnc.kernel import (
     all_of,
     less,
     maximum,
+    walk,
 )
 from cnnc.lower.standalone import log_of_sum
 
@@ -120,9 +121,10 @@ def pointwise_backward(name: str, layer: str, floats: int, width: int, rule: Poi
     index = at(p, width)
     x = Load("extra" if extra else "x", index)
     value = rule(x, Load("y", index), Load("g", index), attrs)
-    buffers = [Buffer("extra" if extra else "x", floats * width, "input"),
-               Buffer("y", floats * width, "input"), Buffer("g", floats * width, "input"),
-               Buffer("gx", floats * width, "output")]
+    read = {node.buffer for node in walk(value) if isinstance(node, Load)}
+    buffers = [Buffer(buffer, floats * width, "input") for buffer in
+               ("extra" if extra else "x", "y", "g") if buffer in read]
+    buffers.append(Buffer("gx", floats * width, "output"))
     return Kernel(name, [layer], buffers, _points(p.name, floats, width,
                                                   [Store("gx", index, value)]))
 
@@ -316,20 +318,39 @@ def conv_weight_backward(name: str, layer: str, attrs: dict, in_shape: tuple[int
                 Assign("ab", Local("ab") + g)], role="reduce")], role="reduce")]),
             Assign("tb", Local("tb") + Local("ab"))]), Store("gb", ITEM, Local("tb"))]
     taps = [(ky, kx) for ky in range(kh) for kx in range(kw)]
-    update: list[Stmt] = [Declare("gv", g)]
-    for ky, kx in taps:
-        iy, ix = y * sh + ky * dh - top, x * sw + kx * dw - left
-        inside = all_of(*(cond for cond, padded in ((in_range(iy, height), top or bottom),
-                                                    (in_range(ix, wide), left or right))
-                          if padded))
-        safe_y = Select(inside, iy, Const(0)) if inside is not None else iy
-        safe_x = Select(inside, ix, Const(0)) if inside is not None else ix
-        value: Expr = Load("acts", _block_at(block_floats, x_offset,
-                                             (c * height + safe_y) * wide + safe_x, width))
-        if inside is not None:
-            value = Select(inside, value, Const(0.0))
-        update.append(Assign(f"a{ky}_{kx}", Local(f"a{ky}_{kx}") + Local("gv") * value))
-    spatial = [For(y.name, out_h, [For(x.name, out_w, update, role="reduce")], role="reduce")]
+    # The columns whose every tap is inside the input need no guard: only the few at the
+    # borders pay for a select (one accumulator per tap, so no sum depends on the split).
+    inner_x = [col for col in range(out_w)
+               if all(0 <= col * sw + kx * dw - left < wide for kx in range(kw))]
+    first, end = (inner_x[0], inner_x[-1] + 1) if inner_x else (out_w, out_w)
+
+    def row(ky: int, start: int, stop: int, guard: bool) -> list[Stmt]:
+        """The taps of kernel row ky at columns [start, stop) of output row y."""
+        if stop <= start:
+            return []
+        col = x + start
+        point = (ITEM * out_h + y) * out_w + col
+        update: list[Stmt] = [Declare("gv", Load("acts", _block_at(block_floats, g_offset,
+                                                                   point, width)))]
+        iy = y * sh + ky * dh - top
+        for kx in range(kw):
+            ix = col * sw + kx * dw - left
+            inside = in_range(ix, wide) if guard else None
+            safe_x = Select(inside, ix, Const(0)) if inside is not None else ix
+            value: Expr = Load("acts", _block_at(block_floats, x_offset,
+                                                 (c * height + iy) * wide + safe_x, width))
+            if inside is not None:
+                value = Select(inside, value, Const(0.0))
+            update.append(Assign(f"a{ky}_{kx}", Local(f"a{ky}_{kx}") + Local("gv") * value))
+        return [For(x.name, stop - start, update, role="reduce")]
+
+    rows: list[Stmt] = []
+    for ky in range(kh):
+        cols = row(ky, 0, first, True) + row(ky, first, end, False) + \
+            row(ky, max(end, first), out_w, True)
+        iy = y * sh + ky * dh - top
+        rows += [If(in_range(iy, height), cols)] if top or bottom else cols
+    spatial = [For(y.name, out_h, rows, role="reduce")]
     inner: list[Stmt] = [Declare(f"t{ky}_{kx}", Const(0.0)) for ky, kx in taps]
     inner.append(lanes(width, [*(Declare(f"a{ky}_{kx}", Const(0.0)) for ky, kx in taps),
                                *_over_blocks(blocks, width, spatial),

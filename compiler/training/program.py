@@ -27,17 +27,15 @@ from cnnc.errors import ModelError
 from cnnc.graph import INPUT, Graph
 from cnnc.kernel import Kernel
 from cnnc.lower import USER_INPUT, USER_OUTPUT, lower
-from cnnc.lower.template import _avg_divisors
+from cnnc.ops.elementwise import BATCHNORM_MOMENTUM
 from cnnc.passes import Options, run_pipeline
-from cnnc.passes.fuse import is_view, tensor_of
-from cnnc.training import kernels
+from cnnc.passes.fuse import tensor_of
+from cnnc.training import batchnorm, kernels
 from cnnc.util import ceil_div
 
 ALIGN = 16  # floats: every placed tensor starts on a 64-byte line
 Region = Literal["block", "global", "input"]
-# A weight gradient's kernel, made once the blocks' layout is known: (blocks, floats per
-# block) -> (kernel, items, its output buffer -> "layer.param")
-WeightJob = Callable[[int, int], tuple[Kernel, int, dict[str, str]]]
+
 
 
 @dataclass(frozen=True)
@@ -73,7 +71,8 @@ class TrainingProgram:
     block_floats: int
     global_floats: int
     params: dict[str, tuple[int, tuple[int, ...]]]  # "layer.param" -> (offset, shape)
-    param_floats: int  # the params region (and each like it), padded to optimizer chunks
+    trained: list[str]  # the params the optimizer updates (not running statistics)
+    param_floats: int  # the trained region (and each like it), padded to optimizer chunks
     grads_offset: int
     state_offsets: dict[str, int]  # optimizer state name -> offset
     constants: list[tuple[int, np.ndarray]]  # data the store starts with
@@ -84,6 +83,9 @@ class TrainingProgram:
     target_offset: int
     weight_offset: int
     loss_offset: int
+    valid_offset: int  # 1.0 in a block's lanes that hold an image of the batch, else 0.0
+    masks: dict[str, int]  # dropout layer -> offset of its mask in a block
+    stats_layers: list[str]  # the batchnorm layers, which use the batch's statistics
     step: list[Stage]
     evaluate: list[Stage]
 
@@ -103,7 +105,7 @@ class _Allocator:
 
 
 TRAINABLE_OPS = ("conv2d", "dense", "avgpool2d", "maxpool2d", "global_avgpool2d", "flatten",
-                 "add", "identity")
+                 "add", "identity", "batchnorm2d", "dropout")
 
 
 def check_compilable(graph: Graph, loss: str) -> None:
@@ -130,244 +132,246 @@ def check_compilable(graph: Graph, loss: str) -> None:
                          f"model '{graph.name}' has shape {list(shape)}")
 
 
+class Builder:
+    """The state of planning one program: the forward graph, the two regions being laid out
+    and what is placed where. `backward` walks the graph through it."""
+
+    def __init__(self, graph: Graph, batch_size: int) -> None:
+        self.graph = run_pipeline(graph, Options(layout="batch"), ("fold_batchnorm", "fuse"))
+        self.lowered = lower(self.graph)
+        self.width = self.lowered.images_per_block
+        self.blocks = ceil_div(batch_size, self.width)
+        self.order = [name for name in self.graph.order() if name != INPUT]
+        self.glob = _Allocator()
+        self.block = _Allocator()
+        self.params: dict[str, tuple[int, tuple[int, ...]]] = {}
+        self.trained: list[str] = []
+        self.constants: list[tuple[int, np.ndarray]] = []
+        self.number = 0
+        self.stats: dict[str, int] = {}  # batchnorm layer -> its batch statistics (global)
+        self.masks: dict[str, int] = {}  # dropout layer -> its mask (in each block)
+        self.tensors: dict[str, int] = {}  # forward tensor -> offset in each block
+        self.prepare: list[Launch] = []  # once at the start of a step
+        self.valid_offset = 0
+        self.grads_offset = 0
+        self.hyper = Place("global")
+
+    def fresh(self, stem: str) -> str:
+        self.number += 1
+        return f"{stem}_{self.number}"
+
+    def place_params(self) -> int:
+        """Trained parameters first, in one region padded to the optimizer's chunks; then the
+        buffers (running statistics), which the optimizer never touches. Returns the trained
+        region's size."""
+        buffers = []
+        for name in self.order:
+            rule = ops.OPS[self.graph.op(name)].gradient
+            for key, value in self.graph.params(name).items():
+                if rule is not None and key in rule.buffers:
+                    buffers.append((f"{name}.{key}", value))
+                    continue
+                self.params[f"{name}.{key}"] = (self.glob.take(value.size), value.shape)
+                self.trained.append(f"{name}.{key}")
+        chunk = kernels.OPTIMIZER_CHUNK
+        floats = ceil_div(max(self.glob.floats, 1), chunk) * chunk
+        self.glob.floats = floats
+        for key, value in buffers:
+            self.params[key] = (self.glob.take(value.size), value.shape)
+        return floats
+
+    def param(self, key: str) -> Place:
+        return Place("global", self.params[key][0])
+
+    def bind_params(self, kernel: Kernel, skip: set[str] | None = None) -> dict[str, int]:
+        """A kernel's parameter buffers (but `skip`): model parameters in their region, other
+        tables (an average pool's divisors) as constants the store starts with."""
+        bound = {}
+        for buffer in kernel.buffers:
+            if buffer.role != "param" or buffer.name in (skip or set()):
+                continue
+            if buffer.param_of:
+                offset, shape = self.params[buffer.param_of]
+                assert buffer.size == math.prod(shape), buffer.param_of
+                bound[buffer.name] = offset
+            else:
+                assert buffer.data is not None
+                bound[buffer.name] = self.glob.take(buffer.data.size)
+                self.constants.append((bound[buffer.name], buffer.data))
+        return bound
+
+    def launch(self, kernel: Kernel, places: dict[str, Place]) -> Launch:
+        used = {buffer.name for buffer in kernel.arguments}
+        return Launch(kernel, {key: place for key, place in places.items() if key in used},
+                      self.bind_params(kernel))
+
+    def tensor(self, name: str) -> Place:
+        return Place("block", self.tensors[tensor_of(self.graph, name)])
+
+    def forward(self, training: bool) -> list[Launch | WholeBatch]:
+        """The forward kernels; batch norm and dropout get kernels of their own, which read
+        what changes at run time (statistics, masks) instead of the inference constants."""
+        items: list[Launch | WholeBatch] = []
+        for kernel in self.lowered.kernels:
+            binding = self.lowered.bindings[kernel.name]
+            if USER_OUTPUT in binding.values():
+                continue
+            layer = kernel.layers[0] if len(kernel.layers) == 1 else ""
+            op = self.graph.op(layer) if layer in self.graph.nx else ""
+            if op == "batchnorm2d":
+                items += self._batchnorm(layer, training)
+            elif op == "dropout" and training:
+                items.append(self._dropout(layer))
+            else:
+                places = {buffer: Place("input") if bound == USER_INPUT else self.tensor(bound)
+                          for buffer, bound in binding.items()}
+                items.append(Launch(kernel, places, self.bind_params(kernel)))
+        return items
+
+    def _batchnorm(self, layer: str, training: bool) -> list[Launch | WholeBatch]:
+        shape = self.graph.shape(layer)
+        attrs = self.graph.attrs(layer)
+        source = self.graph.operands(layer)[0]
+        places = {"x": self.tensor(source), "y": self.tensor(layer),
+                  "weight": self.param(f"{layer}.weight"), "bias": self.param(f"{layer}.bias"),
+                  "running_mean": self.param(f"{layer}.running_mean"),
+                  "running_var": self.param(f"{layer}.running_var")}
+        if not training:
+            kernel = batchnorm.evaluate(self.fresh("bn_eval"), layer, shape, attrs["eps"],
+                                        self.width)
+            return [self.launch(kernel, places)]
+        self.stats[layer] = self.glob.take(2 * shape[0])
+        places["stats"] = Place("global", self.stats[layer])
+        places["hyper"] = self.hyper
+        x_offset = self.tensor(source).offset
+        momentum = attrs.get("momentum", BATCHNORM_MOMENTUM)
+
+        def make(blocks: int, block_floats: int) -> tuple[Kernel, int, dict[str, Place]]:
+            kernel = batchnorm.statistics(self.fresh("bn_stats"), layer, shape, attrs["eps"],
+                                          momentum, self.width, blocks, block_floats, x_offset,
+                                          self.valid_offset)
+            return kernel, shape[0], places
+
+        kernel = batchnorm.normalise(self.fresh("bn"), layer, shape, self.width)
+        return [WholeBatch(make), self.launch(kernel, places)]
+
+    def _dropout(self, layer: str) -> Launch:
+        floats = math.prod(self.graph.shape(layer))
+        self.masks[layer] = self.block.take(floats * self.width)
+        kernel = kernels.pointwise_backward(self.fresh("dropout"), layer, floats, self.width,
+                                            lambda mask, y, x, attrs: x * mask, {},
+                                            extra="mask")
+        return self.launch(kernel, {"extra": Place("block", self.masks[layer]),
+                                    "g": self.tensor(self.graph.operands(layer)[0]),
+                                    "gx": self.tensor(layer)})
+
+
+@dataclass
+class WholeBatch:
+    """A whole-batch kernel inside the forward or backward sequence, made once the blocks'
+    size is known: (blocks, floats per block) -> (kernel, items, places of its buffers)."""
+
+    make: Callable[[int, int], tuple[Kernel, int, dict[str, Place]]]
+
+
 def build(graph: Graph, loss: str, optimizer: object, batch_size: int) -> TrainingProgram:
     """The training program of `graph` for batches of up to `batch_size` images."""
     from cnnc.optim import SGD, Adam
+    from cnnc.training.backward import backward
 
     check_compilable(graph, loss)
-    forward = run_pipeline(graph, Options(layout="batch"), ("fold_batchnorm", "fuse"))
-    lowered = lower(forward)
-    width = lowered.images_per_block
-    blocks = ceil_div(batch_size, width)
+    plan = Builder(graph, batch_size)
+    forward, width, order = plan.graph, plan.width, plan.order
     (output,) = forward.outputs
     classes = math.prod(forward.shape(output))  # the values the loss reads per image
-    order = [name for name in forward.order() if name != INPUT]
-
-    glob = _Allocator()
-    params: dict[str, tuple[int, tuple[int, ...]]] = {}
-    start = glob.floats
-    for name in order:
-        for key, value in forward.params(name).items():
-            params[f"{name}.{key}"] = (glob.take(value.size), value.shape)
-    param_floats = ceil_div(max(glob.floats - start, 1), kernels.OPTIMIZER_CHUNK) * \
-        kernels.OPTIMIZER_CHUNK
-    glob.floats = start + param_floats
-    grads_offset = glob.take(param_floats)
+    param_floats = plan.place_params()
+    grads_offset = plan.glob.take(param_floats)
     state_names: tuple[str, ...] = ()
     if isinstance(optimizer, SGD) and optimizer.momentum:
         state_names = ("momentum",)
     elif isinstance(optimizer, Adam):
         state_names = ("first", "second")
-    state_offsets: dict[str, int] = {state: glob.take(param_floats) for state in state_names}
-    hyper_offset = glob.take(2)
-    constants: list[tuple[int, np.ndarray]] = []
+    state_offsets: dict[str, int] = {state: plan.glob.take(param_floats)
+                                     for state in state_names}
+    hyper_offset = plan.glob.take(3)
+    plan.hyper = Place("global", hyper_offset)
+    plan.grads_offset = grads_offset
+    plan.tensors = {name: plan.block.take(width * math.prod(forward.shape(name)))
+                    for name in [INPUT, *order] if tensor_of(forward, name) == name}
+    plan.valid_offset = plan.block.take(width)
+    training_forward = plan.forward(training=True)
+    evaluate = plan.forward(training=False)
+    _check_params_bound(forward, [item for item in training_forward + evaluate
+                                  if isinstance(item, Launch)], plan.trained)
 
-    def bind_params(kernel: Kernel) -> dict[str, int]:
-        """Trained parameters live in the params region; other tables are constants."""
-        bound = {}
-        for buffer in kernel.buffers:
-            if buffer.role != "param":
-                continue
-            if buffer.param_of:
-                offset, shape = params[buffer.param_of]
-                assert buffer.size == math.prod(shape), buffer.param_of
-                bound[buffer.name] = offset
-            else:
-                assert buffer.data is not None
-                bound[buffer.name] = glob.take(buffer.data.size)
-                constants.append((bound[buffer.name], buffer.data))
-        return bound
-
-    block = _Allocator()
-    tensors = {name: block.take(width * math.prod(forward.shape(name)))
-               for name in [INPUT, *order] if tensor_of(forward, name) == name}
-
-    def tensor_place(name: str) -> Place:
-        return Place("block", tensors[tensor_of(forward, name)])
-
-    forward_launches = []
-    for kernel in lowered.kernels:
-        binding = lowered.bindings[kernel.name]
-        if USER_OUTPUT in binding.values():
-            continue
-        places = {buffer: Place("input") if bound == USER_INPUT else tensor_place(bound)
-                  for buffer, bound in binding.items()}
-        forward_launches.append(Launch(kernel, places, bind_params(kernel)))
-    _check_params_bound(forward, forward_launches, params)
-
-    target_offset = block.take(classes * width)
-    weight_offset = block.take(width)
-    loss_offset = block.take(width)
-    grad_output = block.take(classes * width)
+    target_offset = plan.block.take(classes * width)
+    weight_offset = plan.block.take(width)
+    loss_offset = plan.block.take(width)
+    grad_output = plan.block.take(classes * width)
     loss_launch = Launch(kernels.loss_kernel("loss", loss, classes, width), {
-        "scores": tensor_place(output), "target": Place("block", target_offset),
+        "scores": plan.tensor(output), "target": Place("block", target_offset),
         "weight": Place("block", weight_offset), "loss": Place("block", loss_offset),
         "grad": Place("block", grad_output)})
+    backward_items, weight_jobs = backward(plan, output, grad_output)
 
-    backward, weight_jobs = _backward(forward, order, width, output, grad_output, block,
-                                      tensor_place, bind_params)
-    block_floats = block.floats
-    global_floats = glob.floats
-    base = Place("global", global_floats)  # where block 0's region starts
-    weight_stages = []
-    for make in weight_jobs:
-        kernel, items, outputs = make(blocks, block_floats)
-        places = {"acts": base, **{buffer: Place("global", grads_offset + params[key][0])
-                                   for buffer, key in outputs.items()}}
-        weight_stages.append(Stage(kernel.name, [Launch(kernel, places)], items))
-
-    floats = param_floats
     if isinstance(optimizer, SGD):
-        update = kernels.sgd_kernel("sgd", floats, optimizer.lr, optimizer.momentum,
+        update = kernels.sgd_kernel("sgd", param_floats, optimizer.lr, optimizer.momentum,
                                     optimizer.weight_decay, optimizer.nesterov, width)
     elif isinstance(optimizer, Adam):
-        update = kernels.adam_kernel("adam", floats, optimizer.betas, optimizer.eps,
+        update = kernels.adam_kernel("adam", param_floats, optimizer.betas, optimizer.eps,
                                      optimizer.weight_decay, width)
     else:
         raise TypeError(f"optimizer must be cnnc.optim.SGD or Adam, got {optimizer!r}")
-    update_places = {"params": Place("global", start), "grads": Place("global", grads_offset),
-                     "hyper": Place("global", hyper_offset),
+    update_places = {"params": Place("global", 0), "grads": Place("global", grads_offset),
+                     "hyper": plan.hyper,
                      **{state: Place("global", offset) for state, offset in state_offsets.items()}}
     update_stage = Stage("optimizer", [Launch(update, update_places)],
                          param_floats // kernels.OPTIMIZER_CHUNK)
-
+    # Everything is placed: each block's size is known, so the whole-batch kernels are made.
+    block_floats, global_floats = plan.block.floats, plan.glob.floats
+    step = _stages(training_forward + [loss_launch] + backward_items + weight_jobs, plan,
+                   block_floats, global_floats)
+    if plan.prepare:
+        step.insert(0, Stage("prepare", plan.prepare, 1))
     return TrainingProgram(
-        forward, width, blocks, block_floats, global_floats, params, param_floats,
-        grads_offset, state_offsets, constants, hyper_offset, output, classes, tensors,
-        target_offset, weight_offset, loss_offset,
-        step=[Stage("forward_backward", forward_launches + [loss_launch] + backward),
-              *weight_stages, update_stage],
-        evaluate=[Stage("forward", forward_launches)])
+        forward, width, plan.blocks, block_floats, global_floats, plan.params, plan.trained,
+        param_floats, grads_offset, state_offsets, plan.constants, hyper_offset, output,
+        classes, plan.tensors, target_offset, weight_offset, loss_offset, plan.valid_offset,
+        plan.masks, list(plan.stats), step=step + [update_stage],
+        evaluate=_stages(evaluate, plan, block_floats, global_floats))
 
 
-def _check_params_bound(graph: Graph, launches: list[Launch],
-                        params: dict[str, tuple[int, tuple[int, ...]]]) -> None:
+def _stages(items: list[Launch | WholeBatch], plan: Builder, block_floats: int,
+            global_floats: int) -> list[Stage]:
+    """Runs of per-block launches become one stage each; a whole-batch kernel a stage of its
+    own, whose buffer `acts` is every block's region."""
+    stages: list[Stage] = []
+    run: list[Launch] = []
+    for item in items:
+        if isinstance(item, Launch):
+            run.append(item)
+            continue
+        if run:
+            stages.append(Stage(f"blocks_{len(stages)}", run))
+            run = []
+        kernel, count, places = item.make(plan.blocks, block_floats)
+        launch = plan.launch(kernel, {"acts": Place("global", global_floats), **places})
+        stages.append(Stage(kernel.name, [launch], count))
+    if run:
+        stages.append(Stage(f"blocks_{len(stages)}", run))
+    return stages
+
+
+def _check_params_bound(graph: Graph, launches: list[Launch], trained: list[str]) -> None:
     read = {buffer.param_of for launch in launches for buffer in launch.kernel.buffers
             if buffer.param_of}
-    missing = sorted(set(params) - read)
+    read |= {f"{launch.kernel.layers[0]}.{name}" for launch in launches
+             for name in ("weight", "bias") if launch.kernel.name.startswith("bn")}
+    missing = sorted(set(trained) - read)
     if missing:
         raise ModelError(f"cnnc cannot train parameters {', '.join(missing)} yet: the "
                          "forward kernels do not read them as they are")
 
 
-def _backward(graph: Graph, order: list[str], width: int, output: str, grad_output: int,
-              block: _Allocator, tensor_place: Callable[[str], Place],
-              bind_params: Callable[[Kernel], dict[str, int]]
-              ) -> tuple[list[Launch], list[WeightJob]]:
-    """The per-block backward launches, in reverse order, and the weight-gradient jobs."""
-    trained = {name for name in order if graph.params(name)}
-    needs: set[str] = set()
-    for name in order:  # a value needs a gradient when a trained parameter comes before it
-        if name in trained or any(operand in needs for operand in graph.operands(name)):
-            needs.add(name)
-    contributions: dict[str, list[int]] = {output: [grad_output]}
-    launches: list[Launch] = []
-    jobs: list[WeightJob] = []
-    number = 0
-
-    def fresh(stem: str) -> str:
-        nonlocal number
-        number += 1
-        return f"{stem}_{number}"
-
-    for name in reversed(order):
-        parts = contributions.pop(name, [])
-        if not parts:
-            continue  # the loss does not depend on it
-        op, attrs = graph.op(name), graph.attrs(name)
-        shape = graph.shape(name)
-        floats = math.prod(shape)
-        if len(parts) == 1:
-            grad = parts[0]
-        else:
-            grad = block.take(floats * width)
-            adder = kernels.sum_kernel(fresh("sum"), name, floats, width, len(parts))
-            places = {f"c{index}": Place("block", part) for index, part in enumerate(parts)}
-            launches.append(Launch(adder, {**places, "gx": Place("block", grad)}))
-        operands = graph.operands(name)
-        wanted = [operand for operand in operands if operand in needs]
-        if is_view(graph, name) or op in ("add", "identity"):
-            for operand in wanted:  # the same values: the same gradient
-                contributions.setdefault(operand, []).append(grad)
-            continue
-        source = operands[0]
-        in_shape = graph.shape(source)
-        gx = block.take(math.prod(in_shape) * width) if source in needs else None
-        places = {"g": Place("block", grad)}
-        kernel: Kernel | None = None
-        if op == "dense":
-            weight = graph.params(name)["weight"]
-            if gx is not None:
-                kernel = kernels.dense_input_backward(fresh("dgrad"), name, weight, width)
-            jobs.append(_dense_job(fresh("wgrad"), name, weight.shape,
-                                   "bias" in graph.params(name), width,
-                                   tensor_place(source).offset, grad))
-        elif op == "conv2d":
-            weight = graph.params(name)["weight"]
-            if gx is not None:
-                kernel = kernels.conv_input_backward(fresh("dgrad"), name, attrs, in_shape,
-                                                     shape, weight, width)
-            jobs.append(_conv_job(fresh("wgrad"), name, attrs, in_shape, shape,
-                                  "bias" in graph.params(name), width,
-                                  tensor_place(source).offset, grad))
-        elif op in ("avgpool2d", "maxpool2d", "global_avgpool2d"):
-            if gx is not None:
-                kernel = _pool(fresh("pgrad"), name, graph, in_shape, shape, width)
-                places.update({"x": tensor_place(source), "y": tensor_place(name)})
-        else:  # an elementwise op with a compiled rule
-            rule = ops.OPS[op].gradient
-            assert rule is not None and rule.lower is not None
-            if gx is not None:
-                kernel = kernels.pointwise_backward(fresh("egrad"), name, floats, width,
-                                                    rule.lower, attrs)
-                places.update({"x": tensor_place(source), "y": tensor_place(name)})
-        if kernel is not None and gx is not None:
-            places["gx"] = Place("block", gx)
-            used = {buffer.name for buffer in kernel.arguments}
-            launches.append(Launch(kernel, {key: place for key, place in places.items()
-                                            if key in used}, bind_params(kernel)))
-            contributions.setdefault(source, []).append(gx)
-    return launches, jobs
-
-
-def _pool(name: str, layer: str, graph: Graph, in_shape: tuple[int, ...],
-          shape: tuple[int, ...], width: int) -> Kernel:
-    op = graph.op(layer)
-    attrs = dict(graph.attrs(layer))
-    divisors: np.ndarray | None = None
-    if op == "global_avgpool2d":  # one window over the whole image
-        attrs = {"kernel_size": in_shape[1:], "stride": (1, 1), "padding": ((0, 0), (0, 0))}
-        divisors = np.full((1, 1), float(in_shape[1] * in_shape[2]))
-    elif op == "avgpool2d":
-        divisors = _avg_divisors(attrs, in_shape[1], in_shape[2], shape[1], shape[2])
-    return kernels.pool_backward(name, layer, op, attrs, in_shape, shape, divisors, width)
-
-
-def _dense_job(kernel_name: str, layer: str, shape: tuple[int, ...], has_bias: bool,
-               width: int, x_offset: int, g_offset: int) -> WeightJob:
-    units, features = shape
-
-    def make(blocks: int, block_floats: int) -> tuple[Kernel, int, dict[str, str]]:
-        kernel = kernels.dense_weight_backward(kernel_name, layer, features, units,
-                                               has_bias, width, blocks, block_floats,
-                                               x_offset, g_offset)
-        outputs = {"gw": f"{layer}.weight", **({"gb": f"{layer}.bias"} if has_bias else {})}
-        return kernel, units, outputs
-
-    return make
-
-
-def _conv_job(kernel_name: str, layer: str, attrs: dict, in_shape: tuple[int, ...],
-              shape: tuple[int, ...], has_bias: bool, width: int, x_offset: int,
-              g_offset: int) -> WeightJob:
-    def make(blocks: int, block_floats: int) -> tuple[Kernel, int, dict[str, str]]:
-        kernel = kernels.conv_weight_backward(kernel_name, layer, attrs, in_shape, shape,
-                                              has_bias, width, blocks, block_floats, x_offset,
-                                              g_offset)
-        outputs = {"gw": f"{layer}.weight", **({"gb": f"{layer}.bias"} if has_bias else {})}
-        return kernel, shape[0], outputs
-
-    return make
-
-
-__all__ = ["Launch", "Place", "Stage", "TrainingProgram", "build", "check_compilable"]
+__all__ = ["Builder", "Launch", "Place", "Stage", "TrainingProgram", "WholeBatch", "build",
+           "check_compilable"]

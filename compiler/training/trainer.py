@@ -52,7 +52,7 @@ class Trainer:
     """A compiled training step for batches of up to `batch_size` images."""
 
     def __init__(self, graph: Graph, loss: str, reduction: str, optimizer: Any, batch_size: int,
-                 threads: int | None, use_cache: bool = True) -> None:
+                 threads: int | None, use_cache: bool = True, seed: int = 0) -> None:
         from cnnc.backends.llvm import runtime
         from cnnc.backends.llvm.training import LlvmTrainingCode
 
@@ -65,6 +65,7 @@ class Trainer:
         self.graph = graph
         self.loss_name, self.reduction, self.optimizer = loss, reduction, optimizer
         self.batch_size = batch_size
+        self.seed = seed  # of the dropout masks
         self.threads = max(1, threads or runtime.cpus())
         self.program = programs.build(graph, loss, optimizer, batch_size)
         self.code = LlvmTrainingCode(self.program, self.threads, use_cache)
@@ -94,6 +95,12 @@ class Trainer:
         return self._blocks[:blocks, offset: offset + floats * width].reshape(
             blocks, floats, width)
 
+    @property
+    def memory_bytes(self) -> int:
+        """All of training's memory: parameters, gradients, optimizer state and every batch
+        block's saved values and gradients (the store, planned once)."""
+        return int(self.store.nbytes)
+
     def parameters(self) -> dict[str, np.ndarray]:
         """The trained parameters, keyed as in the weights file ("layer.param")."""
         return {key: self._param_view(key).copy() for key in self.program.params}
@@ -101,7 +108,7 @@ class Trainer:
     def gradients(self) -> dict[str, np.ndarray]:
         """The gradients of the last step."""
         region = self.program.grads_offset  # the params region starts the store
-        return {key: self._param_view(key, region).copy() for key in self.program.params}
+        return {key: self._param_view(key, region).copy() for key in self.program.trained}
 
     def save(self, path: str | Path) -> Path:
         """Write the parameters as a .npz weights file (`weights:` in the YAML)."""
@@ -149,6 +156,10 @@ class Trainer:
         images = self._images(x)
         count = len(images)
         targets = self._targets(y, count)
+        for layer in self.program.stats_layers:
+            if count * math.prod(self.graph.shape(layer)[1:]) < 2:
+                raise InputError(f"layer '{layer}' (batchnorm2d) needs more than one value "
+                                 "per channel in a training batch")
         program = self.program
         width = program.width
         blocks = ceil_div(count, width)
@@ -162,15 +173,34 @@ class Trainer:
         weights[:count] = scale
         self._block_view(program.weight_offset, 1, blocks)[...] = weights.reshape(blocks, 1,
                                                                                   width)
+        valid = np.zeros(blocks * width, np.float32)
+        valid[:count] = 1.0
+        self._block_view(program.valid_offset, 1, blocks)[...] = valid.reshape(blocks, 1, width)
+        if program.masks:
+            self._write_masks(count, blocks)
         self.steps += 1
-        self._hyper()
+        self._hyper(count)
         self.code.run(program.step, images, count)
         losses = self._block_view(program.loss_offset, 1, blocks).reshape(-1)[:count]
         return float(losses.astype(np.float64).sum())
 
-    def _hyper(self) -> None:
+    def _write_masks(self, count: int, blocks: int) -> None:
+        """Step k's dropout masks (from the seed and k, as the reference trainer draws them),
+        in the blocks' layout."""
+        from cnnc.dropout import dropout_masks
+
+        width = self.program.width
+        for layer, mask in dropout_masks(self.graph, self.seed, self.steps, count).items():
+            flat = mask.reshape(count, -1)
+            padded = np.zeros((blocks * width, flat.shape[1]), np.float32)
+            padded[:count] = flat
+            self._block_view(self.program.masks[layer], flat.shape[1], blocks)[...] = \
+                padded.reshape(blocks, width, -1).transpose(0, 2, 1)
+
+    def _hyper(self, count: int) -> None:
         from cnnc.optim import Adam
 
+        self.store[self.program.hyper_offset + 2] = count
         if isinstance(self.optimizer, Adam):
             beta1, beta2 = self.optimizer.betas
             at = self.program.hyper_offset
@@ -256,7 +286,7 @@ def compile_training(model: str | Path | Graph, loss: str = "cross_entropy",
     with integer labels, or squared_error) with `reduction`, backward and `optimizer`'s
     update (`cnnc.optim.SGD` or `Adam`; default SGD(lr=0.1)), as one native call per batch.
     Initial weights are the model's (`weights:` or `seed:`), or `init` ("xavier_uniform")
-    drawn from `seed`."""
+    drawn from `seed`; step k's dropout masks are drawn from (`seed`, k)."""
     from cnnc.driver import check_threads
     from cnnc.optim import SGD
 
@@ -267,4 +297,4 @@ def compile_training(model: str | Path | Graph, loss: str = "cross_entropy",
 
         apply_init(graph, init, seed)
     return Trainer(graph, loss, reduction, optimizer if optimizer is not None else SGD(lr=0.1),
-                   batch_size, threads, use_cache)
+                   batch_size, threads, use_cache, seed)

@@ -1,0 +1,180 @@
+"""The backward half of a training program: the graph walked from the loss back to the input,
+each op's rule placed as kernels (`cnnc.training.kernels`, `cnnc.training.batchnorm`).
+
+A value's gradient is the sum of what each op reading it sends back; views, `add` and
+`identity` send their own gradient unchanged (no kernel, the same memory). Values before the
+first trained parameter get no gradient. Weight gradients are whole-batch kernels, made when
+every block's size is known.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from cnnc import ops
+from cnnc.graph import Graph
+from cnnc.kernel import Kernel
+from cnnc.lower.template import _avg_divisors
+from cnnc.passes.fuse import is_view
+from cnnc.training import batchnorm, kernels, transposed
+from cnnc.training.program import Builder, Launch, Place, WholeBatch
+
+
+def backward(plan: Builder, output: str, grad_output: int
+             ) -> tuple[list[Launch | WholeBatch], list[Launch | WholeBatch]]:
+    """The per-block backward sequence, in reverse order (batch norm's sums inside it), and
+    the weight-gradient kernels."""
+    graph, width, order = plan.graph, plan.width, plan.order
+    trained = {name for name in order if graph.params(name)}
+    needs: set[str] = set()
+    for name in order:  # a value needs a gradient when a trained parameter comes before it
+        if name in trained or any(operand in needs for operand in graph.operands(name)):
+            needs.add(name)
+    contributions: dict[str, list[int]] = {output: [grad_output]}
+    items: list[Launch | WholeBatch] = []
+    jobs: list[Launch | WholeBatch] = []
+
+    def grads_of(key: str) -> Place:
+        return Place("global", plan.grads_offset + plan.params[key][0])
+
+    for name in reversed(order):
+        parts = contributions.pop(name, [])
+        if not parts:
+            continue  # the loss does not depend on it
+        op, attrs = graph.op(name), graph.attrs(name)
+        shape = graph.shape(name)
+        floats = math.prod(shape)
+        if len(parts) == 1:
+            grad = parts[0]
+        else:
+            grad = plan.block.take(floats * width)
+            adder = kernels.sum_kernel(plan.fresh("sum"), name, floats, width, len(parts))
+            places = {f"c{index}": Place("block", part) for index, part in enumerate(parts)}
+            items.append(plan.launch(adder, {**places, "gx": Place("block", grad)}))
+        operands = graph.operands(name)
+        if is_view(graph, name) or op in ("add", "identity"):
+            for operand in operands:  # the same values: the same gradient
+                if operand in needs:
+                    contributions.setdefault(operand, []).append(grad)
+            continue
+        source = operands[0]
+        in_shape = graph.shape(source)
+        gx = plan.block.take(math.prod(in_shape) * width) if source in needs else None
+        places = {"g": Place("block", grad), "x": plan.tensor(source), "y": plan.tensor(name)}
+        if gx is not None:
+            places["gx"] = Place("block", gx)
+            contributions.setdefault(source, []).append(gx)
+        weight_outputs = {"gw": f"{name}.weight", "gb": f"{name}.bias"}
+        x_offset = plan.tensor(source).offset
+        if op in ("dense", "conv2d"):
+            weight = graph.params(name)["weight"]
+            has_bias = "bias" in graph.params(name)
+            job_places = {buffer: grads_of(key) for buffer, key in weight_outputs.items()
+                          if key in plan.params}
+            jobs.append(WholeBatch(_weight_job(plan.fresh("wgrad"), name, graph, weight.shape,
+                                               has_bias, width, x_offset, grad, job_places)))
+            if gx is not None and (op == "dense" or transposed.conv_padding(attrs)):
+                items.append(_as_forward(plan, name, op, attrs, in_shape, shape, weight.shape,
+                                         places))
+            elif gx is not None:
+                kernel = kernels.conv_input_backward(plan.fresh("dgrad"), name, attrs,
+                                                     in_shape, shape, weight, width)
+                items.append(plan.launch(kernel, places))
+        elif op == "batchnorm2d":
+            items += _batchnorm(plan, name, shape, x_offset, grad, places, grads_of)
+        elif gx is None:
+            continue
+        elif op in ("avgpool2d", "maxpool2d", "global_avgpool2d"):
+            items.append(plan.launch(_pool(plan.fresh("pgrad"), name, graph, in_shape, shape,
+                                           width), places))
+        elif op == "dropout":
+            kernel = kernels.pointwise_backward(plan.fresh("dgrad"), name, floats, width,
+                                                lambda mask, y, g, attrs: g * mask, {},
+                                                extra="mask")
+            items.append(plan.launch(kernel, {**places,
+                                              "extra": Place("block", plan.masks[name])}))
+        else:  # an elementwise op with a compiled rule
+            rule = ops.OPS[op].gradient
+            assert rule is not None and rule.lower is not None
+            kernel = kernels.pointwise_backward(plan.fresh("egrad"), name, floats, width,
+                                                rule.lower, attrs)
+            items.append(plan.launch(kernel, places))
+    return items, jobs
+
+
+def _as_forward(plan: Builder, name: str, op: str, attrs: dict, in_shape: tuple[int, ...],
+                shape: tuple[int, ...], weight_shape: tuple[int, ...],
+                places: dict[str, Place]) -> Launch:
+    """The input gradient as a forward kernel, over weights rearranged at the step's start
+    (`cnnc.training.transposed`)."""
+    scratch = plan.glob.take(math.prod(weight_shape))
+    groups = attrs.get("groups", 1)
+    prepare = transposed.rearrange(plan.fresh("rearrange"), name, op, weight_shape, groups)
+    plan.prepare.append(Launch(prepare, {"w": plan.param(f"{name}.weight"),
+                                         "wt": Place("global", scratch)}))
+    kernel = transposed.input_gradient_kernel(plan.fresh("dgrad"), op, attrs, in_shape, shape,
+                                              weight_shape)
+    (source,) = [buffer.name for buffer in kernel.buffers if buffer.role == "input"]
+    (output,) = [buffer.name for buffer in kernel.buffers if buffer.role == "output"]
+    weights = {buffer.name: scratch for buffer in kernel.buffers
+               if buffer.param_of == f"{transposed.LAYER}.weight"}
+    constants = plan.bind_params(kernel, skip=set(weights))
+    return Launch(kernel, {source: places["g"], output: places["gx"]}, {**weights, **constants})
+
+
+def _batchnorm(plan: Builder, name: str, shape: tuple[int, ...], x_offset: int, grad: int,
+               places: dict[str, Place], grads_of) -> list[Launch | WholeBatch]:  # type: ignore[no-untyped-def]
+    """The sums of g and g * x^ over the batch (the bias's and the weight's gradients) in a
+    whole-batch stage, then x's gradient per block."""
+    width = plan.width
+    shared = {"stats": Place("global", plan.stats[name]),
+              "grad_weight": grads_of(f"{name}.weight"), "grad_bias": grads_of(f"{name}.bias")}
+
+    def make(blocks: int, block_floats: int) -> tuple[Kernel, int, dict[str, Place]]:
+        kernel = batchnorm.reduce_gradient(plan.fresh("bn_sums"), name, shape, width, blocks,
+                                           block_floats, x_offset, grad)
+        return kernel, shape[0], shared
+
+    items: list[Launch | WholeBatch] = [WholeBatch(make)]
+    if "gx" in places:
+        kernel = batchnorm.input_gradient(plan.fresh("bn_grad"), name, shape, width)
+        items.append(plan.launch(kernel, {
+            **places, **shared, "weight": plan.param(f"{name}.weight"), "hyper": plan.hyper,
+            "valid": Place("block", plan.valid_offset)}))
+    return items
+
+
+def _pool(name: str, layer: str, graph: Graph, in_shape: tuple[int, ...],
+          shape: tuple[int, ...], width: int) -> Kernel:
+    op = graph.op(layer)
+    attrs = dict(graph.attrs(layer))
+    divisors: np.ndarray | None = None
+    if op == "global_avgpool2d":  # one window over the whole image
+        attrs = {"kernel_size": in_shape[1:], "stride": (1, 1), "padding": ((0, 0), (0, 0))}
+        divisors = np.full((1, 1), float(in_shape[1] * in_shape[2]))
+    elif op == "avgpool2d":
+        divisors = _avg_divisors(attrs, in_shape[1], in_shape[2], shape[1], shape[2])
+    return kernels.pool_backward(name, layer, op, attrs, in_shape, shape, divisors, width)
+
+
+def _weight_job(kernel_name: str, layer: str, graph: Graph, shape: tuple[int, ...],
+                has_bias: bool, width: int, x_offset: int, g_offset: int,
+                places: dict[str, Place]):  # type: ignore[no-untyped-def]
+    """The whole-batch kernel of a conv's or dense layer's weight (and bias) gradient."""
+    def make(blocks: int, block_floats: int) -> tuple[Kernel, int, dict[str, Place]]:
+        if graph.op(layer) == "dense":
+            units, features = shape
+            kernel = kernels.dense_weight_backward(kernel_name, layer, features, units,
+                                                   has_bias, width, blocks, block_floats,
+                                                   x_offset, g_offset)
+            return kernel, units, places
+        source = graph.operands(layer)[0]
+        kernel = kernels.conv_weight_backward(kernel_name, layer, graph.attrs(layer),
+                                              graph.shape(source), graph.shape(layer),
+                                              has_bias, width, blocks, block_floats, x_offset,
+                                              g_offset)
+        return kernel, shape[0], places
+
+    return make
