@@ -297,6 +297,8 @@ class Schedule:
     `oc_block` output channels at one point; `gpu_batch_inner` puts the images of a batch on
     neighbouring threads (so a warp reads the same weights at once); `gpu_shared_tiles` gives
     each block one image and stages the inputs its threads share in `__shared__` memory.
+    `winograd` computes a 3x3 stride-1 convolution by Winograd F(m x m, 3 x 3) with m = 2 or
+    4 (`cnnc.lower.winograd`; 0, the direct convolution, and where it does not apply).
     """
 
     oc_block: int = 1
@@ -305,9 +307,13 @@ class Schedule:
     gpu_threads: int = 128
     gpu_batch_inner: bool = False
     gpu_shared_tiles: bool = False
+    winograd: int = 0
 
     def describe(self) -> str:
-        return " ".join(f"{item.name}={getattr(self, item.name)}" for item in fields(self))
+        """`field=value ...`; `winograd` only when on, so that a direct kernel's line reads
+        as it did before the field existed."""
+        return " ".join(f"{item.name}={getattr(self, item.name)}" for item in fields(self)
+                        if item.name != "winograd" or self.winograd)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -22,7 +22,8 @@ from cnnc.version import __version__
 # Fields older versions wrote (the layout decides the vector width, and threads always split
 # the batch blocks): a file that has them still loads; they are ignored with a warning.
 RETIRED_FIELDS = ("lanes", "parallel")
-INTEGER_FIELDS = ("oc_block", "x_block", "unroll_max", "gpu_threads")
+INTEGER_FIELDS = ("oc_block", "x_block", "unroll_max", "gpu_threads", "winograd")
+WINOGRAD_TILES = (0, 2, 4)  # off, F(2x2,3x3), F(4x4,3x3): `cnnc.lower.winograd`
 BOOLEAN_FIELDS = ("gpu_batch_inner", "gpu_shared_tiles")
 MAX_GPU_THREADS = 1024  # threads per block on every CUDA architecture
 EVERY_KERNEL = "*"
@@ -62,11 +63,12 @@ class Override:
 class KernelFacts:
     """What bounds a kernel's schedule: its output channels where it computes them (a
     convolution or dense layer; None otherwise) and the width of its output rows (None when
-    its output has no rows)."""
+    its output has no rows), and the Winograd tiles that apply to it."""
 
     name: str
     channels: int | None
     row: int | None
+    winograd: tuple[int, ...] = ()  # the `winograd` tiles that can compute it
 
 
 class Schedules(dict[str, dict[str, Any]]):
@@ -135,6 +137,12 @@ def as_schedules(schedules: Mapping[str, Any]) -> Schedules:
 def check_fits(override: Override, kernel: KernelFacts | None) -> None:
     """Refuse a field whose value does not fit `kernel` (None: "*", any kernel)."""
     for name, value in override.fields.items():
+        if name == "winograd" and kernel is not None and value and value not in kernel.winograd:
+            applies = " or ".join(map(str, kernel.winograd))
+            raise ScheduleError(
+                f"{override.where()}: 'winograd' must be 0" + (f" or {applies}" if applies
+                else " (Winograd computes only a 3x3 stride-1 undilated ungrouped conv2d, "
+                "whose fused pooling window, if any, tiles its output)") + f", got {value!r}")
         if name not in ("oc_block", "x_block"):
             continue  # their ranges do not depend on the kernel: checked when read
         limit = None if kernel is None else kernel.channels if name == "oc_block" \
@@ -256,9 +264,12 @@ def _integer(place: Override, name: str, value: Any) -> int:
     range does not depend on the kernel, its range too."""
     bounds = {"oc_block": "from 1 to the kernel's output channels",
               "x_block": "from 1 to the width of the kernel's output rows",
-              "unroll_max": ">= 0", "gpu_threads": f"from 1 to {MAX_GPU_THREADS}"}
+              "unroll_max": ">= 0", "gpu_threads": f"from 1 to {MAX_GPU_THREADS}",
+              "winograd": "0 (off), 2 or 4 (the output tile of F(m x m, 3 x 3))"}
     fits = isinstance(value, int) and not isinstance(value, bool)
-    if fits and name == "unroll_max":
+    if fits and name == "winograd":
+        fits = value in WINOGRAD_TILES
+    elif fits and name == "unroll_max":
         fits = value >= 0
     elif fits and name == "gpu_threads":
         fits = 1 <= value <= MAX_GPU_THREADS

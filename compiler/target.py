@@ -4,8 +4,9 @@ reports read), for an NVIDIA GPU its `sm_XX` limits. Passes and backends read th
 here; nothing else hard-codes one machine, and nothing here imports a pass.
 
 The CPU peak is measured once per CPU model (a JIT-compiled loop of independent FMAs, a few
-milliseconds) and kept in the cache directory. llvmlite is imported only when the host CPU is
-asked for, never by `import cnnc`.
+milliseconds) and kept in the cache directory, as is the cost of one barrier of the thread
+pool (`pool_barrier_us`, which splitting one image across threads reads). llvmlite is
+imported only when the host CPU is asked for, never by `import cnnc`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +29,7 @@ FMA_CHAINS = 12  # independent accumulators: more than FMA pipes x FMA latency o
 FMA_LATENCY = 4  # cycles of one fp32 FMA on current x86 cores (Skylake on, Zen 3 on)
 PEAK_SECONDS = 0.003  # per timed run of the loop; the best of PEAK_RUNS is kept
 PEAK_RUNS = 5
+BARRIER_FILE = "pool-barrier.json"  # in the cache directory: {cpu key | threads: microseconds}
 
 DEFAULT_GPU_ARCH = "sm_90"
 GPU_BLOCKS_PER_SM = 8  # blocks a staged kernel should fit on one SM, for latency hiding
@@ -281,6 +284,49 @@ def _fma_loops(width: int, chain_counts: tuple[int, ...]) -> tuple[Any, dict[int
     signature = ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.POINTER(ctypes.c_float))
     return engine, {chains: signature(engine.get_function_address(f"fma_loop_{chains}"))
                     for chains in chain_counts}
+
+
+def pool_barrier_us(threads: int, measure: Callable[[], float]) -> float:
+    """What one barrier of the LLVM backend's thread pool costs on `threads` threads of this
+    CPU, in microseconds: read from the cache or, the first time on this CPU model, taken
+    from `measure` (the backend times its pool: this module imports no backend) and stored."""
+    key = f"{cpu_model_name()} | {os.cpu_count()} cpus | {threads} threads"
+    if key in _BARRIERS:
+        return _BARRIERS[key]
+    cached = _read_facts(BARRIER_FILE).get(key)
+    if not isinstance(cached, float):
+        cached = float(measure())
+        facts = _read_facts(BARRIER_FILE)
+        facts[key] = cached
+        _write_facts(BARRIER_FILE, facts)
+    _BARRIERS[key] = cached
+    return cached
+
+
+_BARRIERS: dict[str, float] = {}
+
+
+def _read_facts(name: str) -> dict[str, Any]:
+    """The JSON object kept in the cache directory's file `name` (empty when unreadable)."""
+    try:
+        data = json.loads((cache_dir() / name).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_facts(name: str, facts: dict[str, Any]) -> None:
+    """Write `facts` whole to the cache directory's file `name` and rename it into place; a
+    cache that cannot be written is skipped, since it only saves a measurement."""
+    directory = cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+        with os.fdopen(handle, "w") as file:
+            json.dump(facts, file, indent=1, sort_keys=True)
+        os.replace(temporary, directory / name)
+    except OSError:
+        pass
 
 
 def _read_peaks() -> dict[str, Any]:

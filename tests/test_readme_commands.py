@@ -44,6 +44,9 @@ def _invocations(tmp: Path) -> list[list[str]]:
     import numpy as np
 
     np.save(x, np.random.default_rng(0).random((2, 1, 6, 6), dtype=np.float32))
+    data = tmp / "data.npz"
+    rng = np.random.default_rng(1)
+    np.savez(data, x=rng.random((40, 1, 6, 6), dtype=np.float32), y=rng.integers(0, 3, 40))
     return [
         ["graph", str(model), "--format", "dot"],
         ["run", str(model), "--input", str(x), "-o", str(tmp / "y.npy"), "--target",
@@ -64,6 +67,12 @@ def _invocations(tmp: Path) -> list[list[str]]:
         ["run", str(model), "--schedule", str(tuned)],
         ["fuzz", "--seed", "0", "--count", "1", "--jobs", "0", "--out", str(tmp / "fuzz"),
          "--sample", "1"],
+        ["fuzz", "--train", "--seed", "0", "--count", "1", "--jobs", "0"],
+        ["bench", str(model), "--train", "--batch", "16", "--threads", "1", "--rounds", "3",
+         "--lr", "0.1", "--quiet"],
+        ["train", str(model), "--data", str(data), "--epochs", "1", "--batch-size", "16",
+         "--lr", "0.01", "--optimizer", "adam", "--init", "xavier_uniform", "--threads", "1",
+         "-o", str(tmp / "trained.npz"), "--plot", str(tmp / "loss.png")],
     ]
 
 

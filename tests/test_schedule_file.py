@@ -69,7 +69,7 @@ def test_every_field_is_checked_for_type_and_range(tmp_path: Path) -> None:
         "integer >= 1, got 0",
         '{"*": {"tile_everything": 3}}': "s.json:1: every kernel ('*'): unknown schedule "
         "fields ['tile_everything']; known: ['gpu_batch_inner', 'gpu_shared_tiles', "
-        "'gpu_threads', 'oc_block', 'unroll_max', 'x_block']",
+        "'gpu_threads', 'oc_block', 'unroll_max', 'winograd', 'x_block']",
         '{"dense_4":\n {"oc_block": 2,}}': "s.json:2: not valid JSON: Expecting property name "
         "enclosed in double quotes",
     }
@@ -115,7 +115,7 @@ def test_retired_fields_still_load_and_say_they_are_ignored(tmp_path: Path) -> N
 def test_the_schedule_has_only_fields_that_are_read() -> None:
     assert [item.name for item in fields(Schedule)] == [
         "oc_block", "x_block", "unroll_max", "gpu_threads", "gpu_batch_inner",
-        "gpu_shared_tiles"]
+        "gpu_shared_tiles", "winograd"]
 
 
 def test_values_for_every_kernel_need_not_fit_each_one() -> None:

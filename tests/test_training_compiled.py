@@ -20,6 +20,12 @@ from cnnc.reference_backward import ReferenceTrainer, reference_backward
 
 Layer = tuple[str, str, list[str], dict[str, Any]]
 
+
+def agree(got: np.ndarray, want: np.ndarray, name: str) -> None:
+    """got equals want at rtol=1e-4, atol=1e-5 (cnnc.compare), or the test fails."""
+    check = check_output(name, got, want)
+    assert check.ok, check.describe()
+
 LENET_8X8: list[Layer] = [
     ("c1", "conv2d", ["input"], {"out_channels": 6, "kernel_size": 3, "padding": 1}),
     ("s1", "sigmoid", ["c1"], {}),
@@ -111,7 +117,7 @@ def test_compiled_gradients_match_the_reference(layers: list[Layer], shape: tupl
     gradients = trainer.gradients()
     assert set(gradients) == set(expected.gradients)
     for key, grad in expected.gradients.items():
-        check_output(gradients[key], grad, key)
+        agree(gradients[key], grad, key)
 
 
 def normalised() -> cnnc.Graph:
@@ -132,11 +138,11 @@ def test_batchnorm_and_dropout_train_as_the_reference(count: int) -> None:
                                     seed=4)
     assert_allclose(trainer.step(x, y), expected.loss, rtol=1e-5)
     for key, grad in expected.gradients.items():
-        check_output(trainer.gradients()[key], grad, key)
+        agree(trainer.gradients()[key], grad, key)
     for key, value in expected.buffers.items():
-        check_output(trainer.parameters()[key], value, key)
+        agree(trainer.parameters()[key], value, key)
     # eval mode reads the running statistics; dropout is the identity there
-    check_output(trainer.scores(x), cnnc.reference(_with(graph, trainer.parameters()), x),
+    agree(trainer.scores(x), cnnc.reference(_with(graph, trainer.parameters()), x),
                  "eval scores")
 
 
@@ -157,7 +163,7 @@ def test_batchnorm_and_dropout_steps_follow_the_reference_trainer() -> None:
         x, y = batch(graph, 20 - step, "cross_entropy", seed=step)
         assert_allclose(compiled.step(x, y), reference.step(x, y), rtol=1e-4)
     for key, value in reference.parameters().items():
-        check_output(compiled.parameters()[key], value, key)
+        agree(compiled.parameters()[key], value, key)
 
 
 def test_compiled_lenet_of_the_book_matches_the_reference() -> None:
@@ -167,7 +173,7 @@ def test_compiled_lenet_of_the_book_matches_the_reference() -> None:
     trainer = cnnc.compile_training(graph, optimizer=SGD(lr=0.9), batch_size=32, threads=1)
     assert_allclose(trainer.step(x, y), expected.loss, rtol=1e-5)
     for key, grad in expected.gradients.items():
-        check_output(trainer.gradients()[key], grad, key)
+        agree(trainer.gradients()[key], grad, key)
 
 
 @pytest.mark.parametrize("optimizer", [
@@ -185,7 +191,7 @@ def test_optimizer_steps_follow_the_reference_trainer(optimizer: Any) -> None:
         x, y = batch(graph, 24 - step, "cross_entropy", seed=step)
         assert_allclose(compiled.step(x, y), reference.step(x, y), rtol=1e-4)
     for key, value in reference.parameters().items():
-        check_output(compiled.parameters()[key], value, key)
+        agree(compiled.parameters()[key], value, key)
 
 
 def test_every_thread_count_gives_the_same_bits() -> None:
@@ -239,7 +245,7 @@ def test_trained_weights_run_in_the_inference_model(tmp_path: Path) -> None:
         trainer.step(*batch(graph, 32, "cross_entropy", seed=step))
     x, _ = batch(graph, 7, "cross_entropy", seed=9)
     model = trainer.model()
-    check_output(model(x), trainer.scores(x), "scores")
+    agree(model(x), trainer.scores(x), "scores")
     saved = np.load(trainer.save(tmp_path / "trained.npz"))
     for key, value in trainer.parameters().items():
         assert np.array_equal(saved[key], value)
@@ -272,3 +278,21 @@ def test_bad_steps_are_clear_errors() -> None:
     with pytest.raises(ModelError, match="cross_entropy needs class scores"):
         cnnc.compile_training(build((1, 6, 8), [("c", "conv2d", ["input"], {
             "out_channels": 1, "kernel_size": [1, 2]})]))
+
+
+def test_a_layer_the_output_does_not_need_keeps_its_weights_and_gets_zero_gradients() -> None:
+    layers: list[Layer] = [
+        ("unused", "conv2d", ["input"], {"out_channels": 2, "kernel_size": 1}),
+        ("c", "conv2d", ["input"], {"out_channels": 2, "kernel_size": 1}),
+        ("r", "relu", ["c"], {}),
+        ("drop", "dropout", ["r"], {"p": 0.2}),  # named like a forward kernel (dropout_2)
+        ("f", "flatten", ["drop"], {}),
+    ]
+    graph = build((1, 2, 2), layers)
+    x, y = batch(graph, 6, "cross_entropy")
+    expected = reference_backward(graph, x, y, training=True)
+    trainer = cnnc.compile_training(graph, optimizer=SGD(lr=0.5), batch_size=8, threads=1)
+    trainer.step(x, y)
+    for key, grad in expected.gradients.items():
+        agree(trainer.gradients()[key], grad, key)
+    assert np.array_equal(trainer.parameters()["unused.weight"], graph.params("unused")["weight"])

@@ -57,7 +57,8 @@ def test_the_search_order_is_fixed_by_the_seed() -> None:
     first = list(candidates(model, "batch", 1, seed=3))
     assert first == list(candidates(model, "batch", 1, seed=3))
     assert first != list(candidates(model, "batch", 1, seed=4))
-    assert first[0] == {"oc_block": 8, "x_block": 1, "unroll_max": 0}  # the heuristic first
+    assert first[0] == {"oc_block": 8, "x_block": 1, "unroll_max": 0,
+                        "winograd": 0}  # the heuristic first
 
 
 def test_bench_refuses_to_time_an_engine_that_disagrees() -> None:

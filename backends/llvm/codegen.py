@@ -116,6 +116,12 @@ class ModuleBuilder:
         self._block_loop(f"{name}_kernel", launches, I64)
         return function
 
+    def add_stage(self, name: str, launches: list[tuple[str, list[PointerOf]]]) -> ir.Function:
+        """`name(x, y, batch, first, end, arena)`: a stage of a one-block call on the thread
+        pool (`split`), whose kernels run for each item in [first, end), getting the item as
+        their `block` argument: a split kernel's share, 0 for the others."""
+        return self._block_loop(name, launches, None)
+
     def _block_loop(self, name: str, launches: list[tuple[str, list[PointerOf]]],
                     selector: ir.Type | None) -> ir.Function:
         names = ("x", "y", "batch", "first", "end", "arena")

@@ -17,7 +17,7 @@ import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 
-from cnnc.backends.llvm import abi, codegen
+from cnnc.backends.llvm import abi, codegen, split
 from cnnc.backends.llvm.codegen import ModuleBuilder, PointerOf
 from cnnc.kernel import Kernel
 from cnnc.lower import USER_INPUT, USER_OUTPUT, LoweredModel
@@ -27,7 +27,7 @@ _LOCK = threading.Lock()
 # The code generator's own source (and the ABI it builds to) is part of every cache key: a
 # changed backend never loads code that an older one generated.
 _BACKEND_SOURCE = "".join(Path(module.__file__ or "").read_text()
-                          for module in (codegen, abi)) + Path(__file__).read_text()
+                          for module in (codegen, abi, split)) + Path(__file__).read_text()
 _READY = False
 
 
@@ -67,11 +67,24 @@ def target_machine(shared_library: bool = False) -> llvm.TargetMachine:
 
 @dataclass(frozen=True)
 class Variant:
-    """One lowering of a model (a layout), run by the entry point `runner`."""
+    """One lowering of a model (a layout), run by the entry point `runner`; with `stages`,
+    also by one runner per stage for a call of one block on the thread pool (`split`)."""
 
     runner: str
     lowered: LoweredModel
     offsets: dict[str, int]
+    stages: tuple[split.Stage, ...] = ()
+
+
+def stage_symbol(variant: Variant, number: int) -> str:
+    """The runner of stage `number` of `variant`'s one-block call."""
+    return f"{variant.runner}_stage_{number}"
+
+
+def split_kernels(variant: Variant) -> list[Kernel]:
+    """The split kernels of `variant`'s stages, in the order `build_module` adds them."""
+    return [split.split_kernel(variant.lowered.kernels[stage.kernels[0]], stage.items)
+            for stage in variant.stages if stage.items > 1]
 
 
 def symbol_of(variant: Variant, kernel: Kernel, variants: list[Variant]) -> str:
@@ -108,7 +121,9 @@ def pack_params(variants: list[Variant]) -> tuple[np.ndarray, dict[str, int]]:
 def kernel_symbols(variants: list[Variant]) -> list[str]:
     """Every kernel's symbol, in the order `build_module` adds (and numbers) them."""
     return [symbol_of(variant, kernel, variants)
-            for variant in variants for kernel in variant.lowered.kernels]
+            for variant in variants for kernel in variant.lowered.kernels] + \
+        [symbol_of(variant, kernel, variants) for variant in variants
+         for kernel in split_kernels(variant)]
 
 
 def fingerprint(variants: list[Variant], params: np.ndarray) -> list[str | bytes]:
@@ -120,6 +135,7 @@ def fingerprint(variants: list[Variant], params: np.ndarray) -> list[str | bytes
         parts.append(f"{variant.runner} {sorted(variant.offsets.items())} "
                      f"{sorted(variant.lowered.bindings.items())}")
         parts += [kernel.to_text() for kernel in variant.lowered.kernels]
+        parts.append(f"stages {variant.stages}")
     return parts
 
 
@@ -128,8 +144,12 @@ def build_module(name: str, variants: list[Variant],
                  check_bounds: bool = False) -> ModuleBuilder:
     """The LLVM module of a model: the kernels of every variant, and each variant's entry
     point `runner(x, y, batch, first_block, end_block, arena)`. Parameters are embedded
-    unless `param_offsets` places them in the array behind `cnnc.params`."""
+    unless `param_offsets` places them in the array behind `cnnc.params`; only then (a JIT
+    module, with a thread pool) are the variants' stage runners added, each
+    `stage(x, y, batch, first_item, end_item, arena)`."""
     machine = target_machine()
+    if param_offsets is not None:
+        param_offsets = dict(param_offsets)  # the split kernels' entries are added to a copy
     builder = ModuleBuilder(name, machine.triple, str(machine.target_data), param_offsets,
                             check_bounds)
     for variant in variants:
@@ -137,11 +157,47 @@ def build_module(name: str, variants: list[Variant],
         for kernel in variant.lowered.kernels:
             symbol = symbol_of(variant, kernel, variants)
             builder.add_kernel(kernel, symbol)
-            bindings = variant.lowered.bindings[kernel.name]
-            launches.append((symbol, [_pointer(bindings[buffer.name], variant.offsets)
-                                      for buffer in kernel.arguments]))
+            launches.append(_launch(variant, kernel, symbol))
         builder.add_run_blocks(variant.runner, launches)
+    if param_offsets is not None:
+        for variant in variants:
+            _add_stages(builder, variant, variants, param_offsets)
     return builder
+
+
+def _add_stages(builder: ModuleBuilder, variant: Variant, variants: list[Variant],
+                param_offsets: dict[str, int]) -> None:
+    # `param_offsets` is the builder's: a split kernel's entries must be there when added.
+    """The split kernels of `variant` (reading the parameters of the kernels they split) and
+    its stage runners."""
+    kernels = variant.lowered.kernels
+    parts = iter(split_kernels(variant))
+    for number, stage in enumerate(variant.stages):
+        launches = []
+        for index in stage.kernels:
+            kernel = kernels[index]
+            bound = kernel.name
+            symbol = symbol_of(variant, kernel, variants)
+            if stage.items > 1:
+                whole = symbol
+                kernel = next(parts)
+                symbol = symbol_of(variant, kernel, variants)
+                for buffer in kernel.buffers:
+                    if buffer.role == "param" and buffer.data is not None:
+                        param_offsets[f"{symbol}.{buffer.name}"] = \
+                            param_offsets[f"{whole}.{buffer.name}"]
+                builder.add_kernel(kernel, symbol)
+            launches.append(_launch(variant, kernel, symbol, bound))
+        builder.add_stage(stage_symbol(variant, number), launches)
+
+
+def _launch(variant: Variant, kernel: Kernel, symbol: str, bound: str = ""
+            ) -> tuple[str, list[PointerOf]]:
+    """How a runner calls `kernel` (as `symbol`, bound as the kernel named `bound`, default
+    its own name): a pointer for each of its arguments."""
+    bindings = variant.lowered.bindings[bound or kernel.name]
+    return symbol, [_pointer(bindings[buffer.name], variant.offsets)
+                    for buffer in kernel.arguments]
 
 
 def _pointer(binding: str, offsets: dict[str, int]) -> PointerOf:

@@ -13,7 +13,7 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from cnnc.reference import CHECKED_BYTES, check_input, check_memory
 from cnnc.util import ceil_div
 from cnnc.version import __version__
 
+if TYPE_CHECKING:
+    from cnnc.backends.llvm import split
+
 
 def runner_symbol(variant: Variant) -> str:
     """The entry point that runs `variant`'s kernels over a range of batch blocks."""
@@ -36,7 +39,8 @@ class _Plan:
     """How a call runs a variant: its runner's address, its free arenas (each an array and
     its address) and those of the thread pool."""
 
-    __slots__ = ("runner", "images_per_block", "floats", "arenas", "_pool_table", "_lock")
+    __slots__ = ("runner", "images_per_block", "floats", "arenas", "_pool_table", "_lock",
+                 "stages", "stage_count", "_split_arena")
 
     def __init__(self, variant: Variant, runner: int) -> None:
         self.runner = runner
@@ -45,6 +49,24 @@ class _Plan:
         self.arenas: list[tuple[np.ndarray, int]] = []
         self._pool_table: tuple[list[np.ndarray], np.ndarray] | None = None
         self._lock = threading.Lock()
+        self.stages: np.ndarray | None = None  # (runner address, items) per stage (`split`)
+        self.stage_count = 0
+        self._split_arena: tuple[np.ndarray, np.ndarray] | None = None
+
+    def set_stages(self, runners: list[tuple[int, int]], threads: int) -> None:
+        """Run a one-block call as these stages on the pool, every thread on one arena: that
+        of the image the call computes. The pool runs one call at a time, so this arena is
+        never shared by two calls."""
+        self.stages = np.array([value for pair in runners for value in pair], np.int64)
+        self.stage_count = len(runners)
+        arena = _aligned_floats(self.floats)
+        self._split_arena = (arena, np.full(threads, _address(arena), np.int64))
+
+    @property
+    def split_arenas(self) -> int:
+        """The address of the table that gives every thread the split call's arena."""
+        assert self._split_arena is not None
+        return _address(self._split_arena[1])
 
     def new_arena(self) -> tuple[np.ndarray, int]:
         buffer = _aligned_floats(self.floats)
@@ -65,7 +87,8 @@ class LlvmModel:
 
     def __init__(self, graph: Graph, variants: list[Variant], threads: int | None,
                  use_cache: bool, check_bounds: bool = False) -> None:
-        from cnnc.backends.llvm import jit, runtime
+        from cnnc import target
+        from cnnc.backends.llvm import jit, runtime, split
 
         self.graph = graph
         self.name = graph.name
@@ -77,8 +100,18 @@ class LlvmModel:
         self.threads = max(1, threads or runtime.cpus())
         self.kernels = [group.name for group in primary.graph.plan.groups]
         self.output_shapes = [graph.shape(name) for name in graph.outputs]
+        # A call of one block on several threads runs as stages, its big kernels split.
+        self._split_variant = self.variant_for(1) if self.threads > 1 else None
+        self.split_stages: tuple[split.Stage, ...] = ()
+        if self._split_variant is not None:
+            cpu = target.host_cpu()
+            self.split_stages = tuple(split.plan_stages(
+                self._split_variant.graph, self._split_variant.lowered, self.threads,
+                cpu.peak_gflops_per_core, split.host_barrier_us(self.threads)))
         self._jit_variants = [jit.Variant(runner_symbol(variant), variant.lowered,
-                                          variant.memory.offsets) for variant in variants]
+                                          variant.memory.offsets,
+                                          self.split_stages if variant is self._split_variant
+                                          else ()) for variant in variants]
         # Parameters live in one array that the code reads through a pointer, so that the
         # LLVM IR stays small; the cache key covers them and everything else the code
         # depends on, which lets a cache hit skip LLVM altogether.
@@ -106,6 +139,12 @@ class LlvmModel:
                        for variant in variants}
         self._large = self._plans[variants[0].layout]
         self._small = self._plans[self.variant_for(1).layout]
+        if self.split_stages:
+            small = self._jit_variants[variants.index(self.variant_for(1))]
+            self._small.set_stages([(self._library.address(jit.stage_symbol(small, number)),
+                                     stage.items)
+                                    for number, stage in enumerate(self.split_stages)],
+                                   self.threads)
         self._input_shape = graph.input_shape
         self._input_rank = 1 + len(graph.input_shape)
         self._pool = runtime.ThreadPool(self.threads) if self.threads > 1 else None
@@ -154,7 +193,9 @@ class LlvmModel:
                 x_slot, y_slot = slots.ctypes.data, slots.ctypes.data + 8
             plan = self._small if batch < self.images_per_block else self._large
             blocks = ceil_div(batch, plan.images_per_block)
-            if blocks == 1 or self._pool is None:
+            if blocks == 1 and plan.stage_count:
+                self._run_split(plan, x_slot, y_slot, batch)
+            elif blocks == 1 or self._pool is None:
                 self._run(plan, x_slot, y_slot, batch, 0, blocks)
             else:
                 self._run_parallel(plan, x_slot, y_slot, batch, blocks)
@@ -178,6 +219,27 @@ class LlvmModel:
             self._run(plan, x_slot, y_slot, batch, 0, blocks)
         else:
             self._check_status(status, batch, 0, blocks)
+
+    def _run_split(self, plan: _Plan, x_slot: int, y_slot: int, batch: int) -> None:
+        """One block as stages on the pool, its big kernels shared by the threads; on the
+        calling thread alone, unsplit, if another call is using the pool."""
+        assert self._pool is not None and plan.stages is not None
+        status = self._pool.try_sequence(_address(plan.stages), plan.stage_count, x_slot,
+                                         y_slot, batch, plan.split_arenas)
+        if status is None:
+            self._run(plan, x_slot, y_slot, batch, 0, 1)
+        else:
+            self._check_status(status, batch, 0, 1)
+
+    @property
+    def split_plan(self) -> str:
+        """How a call of one image runs on the threads: one line per stage, its kernels and
+        the items they are shared in ("" when it runs on one thread)."""
+        if not self.split_stages or self._split_variant is None:
+            return ""
+        from cnnc.backends.llvm import split
+
+        return split.describe(self._split_variant.lowered, self.split_stages)
 
     def _run(self, plan: _Plan, x_slot: int, y_slot: int, batch: int, first: int,
              end: int) -> None:

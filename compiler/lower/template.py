@@ -8,6 +8,7 @@ alone use `standalone.KERNELS`. The group's schedule only shapes the loops.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -23,14 +24,18 @@ from cnnc.kernel import (
     Kernel,
     Load,
     Local,
+    Select,
     Stmt,
     Store,
     Var,
     all_of,
+    less,
 )
+from cnnc.lower import winograd
 from cnnc.lower.anchors import PRODUCERS
 from cnnc.lower.context import KernelContext, guarded, in_range, pairs
 from cnnc.lower.standalone import KERNELS
+from cnnc.passes.tile import pool_factor
 
 
 def build(ctx: KernelContext) -> Kernel:
@@ -58,6 +63,10 @@ def pointwise(ctx: KernelContext) -> list[Stmt]:
     if steps % block or layout.tile_straddles_group(out_shape[0], groups, block):
         block = 1  # a block must not straddle the end, or a group where a tap serves a tile
     channels = layout.tile_channels(Var("cb"), block, width)
+    tile = winograd.tile_size(schedule)
+    if tile:
+        inner = winograd_points(ctx, channels, tile)
+        return [For("cb", steps // block, inner, role="channel")]
     names = ["y", "x"][: len(out_shape) - 1]
     spatial: list[Expr] = [Var(name) for name in names]
     across = schedule.x_block if spatial and out_shape[-1] % schedule.x_block == 0 \
@@ -74,6 +83,70 @@ def pointwise(ctx: KernelContext) -> list[Stmt]:
     for name, extent in reversed(list(zip(names, extents))):
         body = [For(name, extent, body, role="spatial")]
     return [For("cb", steps // block, body, role="channel")]
+
+
+def winograd_points(ctx: KernelContext, channels: list[Expr], m: int) -> list[Stmt]:
+    """The loops over the output tiles of a Winograd kernel (`winograd.tile_size` is m): one
+    iteration computes the convolution's m x m tile for the channels, then the elementwise
+    ops, the pooling window (which tiles it: `tile.pool_factor`) and the elementwise ops
+    after it at each point. Tiles that overhang the output's edge store only their points
+    inside; the epilogue's loads there read the edge's points instead, as the stores skip
+    them."""
+    graph, group = ctx.graph, ctx.group
+    conv_h, conv_w = graph.shape(group.producer)[1:]
+    out_h, out_w = graph.shape(group.output)[1:]
+    factor = pool_factor(graph, group)
+    side = m // factor  # points of the group's output per tile side
+    ty, tx = Var("ty"), Var("tx")
+    stmts: list[Stmt] = []
+    values = winograd.conv2d_tile(ctx, group.producer, channels, [ty * m, tx * m], m, stmts)
+    conv_spots = [[_clamped(ty * m + i, conv_h, m), _clamped(tx * m + j, conv_w, m)]
+                  for i in range(m) for j in range(m)]
+    window = group.window
+    split = group.nodes.index(window) if window else len(group.nodes)
+    head, post = group.nodes[1:split], group.nodes[split + 1:]
+    values = elementwise(ctx, head, values, channels, conv_spots, stmts)
+    if window is not None:
+        rule = ops.OPS[graph.op(window)].window
+        assert rule is not None  # `pool_factor` checked it
+        results: dict[tuple[int, int, int], Expr] = {}
+        for i, j, number in itertools.product(range(side), range(side), range(len(channels))):
+            result: Expr = Const(rule.init)
+            # In the window's order, as the direct kernel combines them: the same sum.
+            for wy in range(factor):
+                for wx in range(factor):
+                    spot = (i * factor + wy) * m + j * factor + wx
+                    result = rule.combine(result, values[spot * len(channels) + number])
+            if rule.average:
+                result = result / float(factor * factor)
+            local = ctx.fresh("pool")
+            stmts.append(Declare(local, result))
+            results[(i, j, number)] = Local(local)
+        values = [results[(i, j, number)] for i in range(side) for j in range(side)
+                  for number in range(len(channels))]
+    spots = [[ty * side + i, tx * side + j] for i in range(side) for j in range(side)]
+    safe = [[_clamped(row, out_h, side), _clamped(col, out_w, side)] for row, col in spots]
+    values = elementwise(ctx, post, values, channels, safe, stmts)
+    for ((spot, channel), value, (row, col)) in zip(pairs(safe, channels), values,
+                                                    [s for s in spots for _ in channels]):
+        store: list[Stmt] = [Store("out", ctx.index(group.output, [channel, *spot]), value)]
+        stmts += guarded(store, all_of(*_overhang(row, col, out_h, out_w, side)))
+    body: list[Stmt] = [For("lane", ctx.layout.vector(graph.shape(group.output)[0]), stmts,
+                            "vectorized", role="lane")]
+    body = [For(tx.name, -(-out_w // side), body, role="spatial")]
+    return [For(ty.name, -(-out_h // side), body, role="spatial")]
+
+
+def _clamped(coord: Expr, size: int, side: int) -> Expr:
+    """`coord`, or the last point where it may be past it (a tile of `side` points that
+    overhangs a size that is not a whole number of tiles)."""
+    return coord if size % side == 0 else Select(less(coord, size), coord, Const(size - 1))
+
+
+def _overhang(row: Expr, col: Expr, out_h: int, out_w: int, side: int) -> list[Expr]:
+    """The checks a tile's store needs: on the sides whose size is not a whole number of
+    tiles."""
+    return [less(coord, size) for coord, size in ((row, out_h), (col, out_w)) if size % side]
 
 
 def _window_attrs(ctx: KernelContext, window: str) -> dict[str, Any]:

@@ -254,7 +254,7 @@ SPECS = (
         fuzz=FuzzForm(image=0.2, flat=0.2),
         gradient=pointwise_gradient(
             lambda x, out: ((x > 0) & (x < 6)).astype(np.float64),
-            lambda x, out, g, attrs: Select(Bin("and", positive(x), Bin("<", x, Const(6.0))),
+            lambda x, out, g, attrs: Select(Bin("and", positive(out), Bin("<", out, Const(6.0))),
                                             g, Const(0.0))),
     ),
     OpSpec(

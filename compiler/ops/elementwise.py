@@ -212,7 +212,8 @@ SPECS = (
         onnx=OnnxForm("Relu"), torch=lambda torch, attrs, params, xs: torch.relu(xs[0]),
         fuzz=FuzzForm(image=0.8, flat=0.8),
         gradient=pointwise_gradient(lambda x, out: (x > 0).astype(np.float64),
-                                    lambda x, out, g, attrs: Select(positive(x), g, Const(0.0))),
+                                    lambda x, out, g, attrs: Select(positive(out), g,
+                                                                    Const(0.0))),
     ),
     OpSpec(
         "tanh", "elementwise", compute=lambda attrs, params, xs: np.tanh(xs[0]),

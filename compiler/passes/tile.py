@@ -36,6 +36,7 @@ GPU_DENSE_OUTPUTS_PER_THREAD = 4  # a dense thread also keeps its input row's ad
 GPU_UNROLL_MAX = 8  # reduction loops up to this long are fully unrolled on the GPU
 GPU_MIN_POINTS = 64  # threads wanted per image, so that a small batch still fills warps
 GPU_MAX_BLOCK = 256
+WINOGRAD_TILES = (2, 4)  # F(2x2,3x3) and F(4x4,3x3); 0 is the direct convolution
 
 
 def tile(graph: Graph, options: Options) -> Graph:
@@ -68,6 +69,8 @@ def tile(graph: Graph, options: Options) -> Graph:
             picked = _depthwise_schedule(graph, group, picked, layout, options.cpu)
         elif options.cpu is not None and is_pointwise_conv(graph, producer):
             picked = _pointwise_schedule(graph, group, picked, layout, options.cpu)
+        elif options.cpu is not None and winograd_tiles(graph, group):
+            picked = _winograd_schedule(graph, group, picked, layout, options.cpu)
         facts = kernel_facts(graph, group)
         kernels.append(facts)
         # Overrides: for every kernel ("*"), by name, then a tuned record for exactly this
@@ -80,6 +83,9 @@ def tile(graph: Graph, options: Options) -> Graph:
                 check_fits(line, facts)
             overrides.update(schedules.get(key, {}))
         group.schedule = picked.replace(**overrides)
+        if group.schedule.winograd not in (0, *facts.winograd):
+            # Asked of every kernel ("*"): those Winograd does not compute stay direct.
+            group.schedule = group.schedule.replace(winograd=0)
     check_names(schedules, kernels, signatures, layout.kind, graph.name)
     return graph
 
@@ -145,6 +151,58 @@ def _pointwise_schedule(graph: Graph, group: Group, picked: Schedule, layout: La
     return picked.replace(oc_block=best[0], x_block=best[1])
 
 
+def winograd_tiles(graph: Graph, group: Group) -> tuple[int, ...]:
+    """The Winograd output tiles (`Schedule.winograd`, `cnnc.lower.winograd`) that can
+    compute `group`'s kernel: its producer is a 3x3, stride-1, undilated, ungrouped conv2d and
+    a fused pooling window, if any, tiles the tile (`pool_factor` divides it)."""
+    producer = group.producer
+    if graph.op(producer) != "conv2d":
+        return ()
+    attrs = graph.attrs(producer)
+    if (tuple(attrs["kernel_size"]) != (3, 3) or tuple(attrs["stride"]) != (1, 1)
+            or tuple(attrs["dilation"]) != (1, 1) or attrs["groups"] != 1):
+        return ()
+    factor = pool_factor(graph, group)
+    return tuple(m for m in WINOGRAD_TILES if factor and m % factor == 0)
+
+
+def pool_factor(graph: Graph, group: Group) -> int:
+    """The side of the group's pooling window when it tiles the convolution's output
+    (kernel = stride, no padding, not the whole image); 1 without a window; 0 when the window
+    does not tile it."""
+    window = group.window
+    if window is None:
+        return 1
+    spec = ops.OPS[graph.op(window)].window
+    if spec is None or spec.whole_image:
+        return 0
+    attrs = graph.attrs(window)
+    (kh, kw), stride = attrs["kernel_size"], tuple(attrs["stride"])
+    if kh != kw or stride != (kh, kw) or any(attrs["padding"][0]) or any(attrs["padding"][1]):
+        return 0
+    return int(kh)
+
+
+def _winograd_schedule(graph: Graph, group: Group, picked: Schedule, layout: Layout,
+                       cpu: CpuIsa) -> Schedule:
+    """Winograd where it was measured faster (docs/performance.md, "Winograd"). Inside one
+    fused kernel each input channel's transformed patch serves only the register tile's
+    output channels, so it pays where that tile is wide: in the channel layout, with at
+    least `cpu.accumulators` channel vectors (128 channels with AVX-512), a tile of half as
+    many. F(2x2) only: F(4x4) was faster still on some kernels, but its rounding error
+    left rtol=1e-4, atol=1e-5 on convolutions of O(1) weights (schedule files and `cnnc
+    tune`, which checks results, may pick it). Every kernel of the batch layout measured
+    was slower by Winograd: the direct convolution stays."""
+    steps = layout.channel_steps(graph.shape(group.producer)[0])
+    if layout.kind != "channel" or steps < cpu.accumulators:
+        return picked
+    tile = 2
+    if tile not in winograd_tiles(graph, group):
+        return picked
+    oc_block = _largest_divisor(steps, max(1, cpu.accumulators // 2))
+    return picked.replace(winograd=tile, oc_block=oc_block, x_block=1)
+
+
 def _per_load(oc_block: int, x_block: int) -> tuple[float, int, int]:
     """FMAs per load of a tile, then the larger tile, then the more channels."""
     return (oc_block * x_block / (oc_block + x_block), oc_block * x_block, oc_block)
@@ -173,7 +231,8 @@ def kernel_facts(graph: Graph, group: Group) -> KernelFacts:
     channels = graph.shape(producer)[0] if is_anchor(graph, producer) else None
     rows = _tiled_rows(graph, group)
     shape = graph.shape(group.output)
-    return KernelFacts(group.name, channels, rows if len(shape) == 3 else None)
+    return KernelFacts(group.name, channels, rows if len(shape) == 3 else None,
+                       winograd_tiles(graph, group))
 
 
 def signature(graph: Graph, group: Group, layout: str) -> str:

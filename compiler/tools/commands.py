@@ -45,15 +45,25 @@ from cnnc.passes import PASS_NAMES
 @click.option("--quiet", "-q", is_flag=True,
               help="No progress lines on stderr (there are none when stderr is not a "
                    "terminal).")
+@click.option("--train", is_flag=True,
+              help="Time training steps (SGD, cross entropy) against PyTorch eager instead "
+                   "of inference; --batch defaults to 256 (docs/training.md).")
+@click.option("--lr", type=click.FloatRange(min=0), default=0.9, show_default=True,
+              help="With --train: SGD's learning rate, on both sides.")
+@click.option("--data", type=click.Choice(["random", "mnist"]), default="random",
+              show_default=True, help="With --train: seeded random images and labels, or "
+                                      "the MNIST sample (the train extra).")
 def bench_command(model: Path, target: str, batches: str, thread_counts: str, against: str,
           rounds: int, json_path: Path | None, profile: bool, plot_path: Path | None,
           schedule: Path | None, no_fuse: bool, disabled: tuple[str, ...],
-          quiet: bool, input_shape: tuple[int, ...] | None) -> None:
+          quiet: bool, input_shape: tuple[int, ...] | None, train: bool, lr: float,
+          data: str) -> None:
     """Time MODEL compiled by cnnc against other engines on the same inputs.
 
     Each engine's output is checked against the NumPy reference before it is timed. Prints
     the median latency, the spread of the rounds, images/s and the ratio to every engine.
-    Exits with status 1 when an engine's process died or hung (see the notes).
+    Exits with status 1 when an engine's process died or hung (see the notes). With
+    --train, times training steps against PyTorch, after checking one step on each side.
     """
     import json
     import sys
@@ -61,6 +71,20 @@ def bench_command(model: Path, target: str, batches: str, thread_counts: str, ag
     from cnnc.tools.bench import run_bench
     from cnnc.tools.engines import UnknownEngine, check_engine_names
 
+    given = _given_options()
+    if train:
+        from cnnc.tools.bench_train import bench_train_command, train_only_conflicts
+
+        conflict = train_only_conflicts(given, against)
+        if conflict:
+            raise Failure(conflict)
+        bench_train_command(load(model, input_shape),
+                            int_list(batches if "batches" in given else "256", "--batch"),
+                            int_list(thread_counts, "--threads"), lr, data, rounds, json_path,
+                            not quiet and sys.stderr.isatty())
+        return
+    if given & {"lr", "data"}:
+        raise Failure("--lr and --data apply to --train only")
     if target != "llvm" and profile:
         raise Failure("--profile times the kernels of the llvm target only")
     engines = [name.strip() for name in against.split(",") if name.strip()]
@@ -105,6 +129,13 @@ def bench_command(model: Path, target: str, batches: str, thread_counts: str, ag
         click.echo(f"wrote {json_path}")
     if report.failed:
         raise SystemExit(1)
+
+
+def _given_options() -> set[str]:
+    """The options of the running command that the user gave (not left at their default)."""
+    context = click.get_current_context()
+    return {name for name in context.params
+            if context.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
 
 
 @click.command()

@@ -1,11 +1,11 @@
 """`cnnc tune`: search each kernel's schedule with real measurements.
 
-The search space is the tiling pass's own knobs (`oc_block`, `x_block`, `unroll_max`). For
-each kernel of each CPU layout, candidates are drawn in an order fixed by the seed, compiled,
-checked against the NumPy reference (a schedule may change speed, never results) and timed
-alone; the fastest, the heuristic's pick included, is kept. The result is one JSON line per
-kernel, keyed by the kernel's signature, the CPU and the cnnc version, which
-`cnnc compile --schedule FILE` replays without measuring.
+The search space is the tiling pass's own knobs (`oc_block`, `x_block`, `unroll_max`, and
+`winograd` where it applies). For each kernel of each CPU layout, candidates are drawn in an
+order fixed by the seed, compiled, checked against the NumPy reference (a schedule may change
+speed, never results) and timed alone; the fastest, the heuristic's pick included, is kept.
+The result is one JSON line per kernel, keyed by the kernel's signature, the CPU and the cnnc
+version, which `cnnc compile --schedule FILE` replays without measuring.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from cnnc.compare import agrees
 from cnnc.driver import compile
 from cnnc.graph import Graph
 from cnnc.passes.layout import layout_of
-from cnnc.passes.tile import is_anchor, signature
+from cnnc.passes.tile import is_anchor, signature, winograd_tiles
 from cnnc.profile import seconds_per_call
 from cnnc.reference import reference
 from cnnc.version import __version__
@@ -59,7 +59,7 @@ def candidates(model: CompiledModel, layout: str, index: int, seed: int
     group = variant.graph.plan.groups[index]
     picked = group.schedule
     yield {"oc_block": picked.oc_block, "x_block": picked.x_block,
-           "unroll_max": picked.unroll_max}
+           "unroll_max": picked.unroll_max, "winograd": picked.winograd}
     shape = variant.graph.shape(group.output)
     stored = layout_of(variant.graph)
     channels = stored.channels(shape[0]) // stored.vector(shape[0]) if layout == "channel" \
@@ -68,8 +68,11 @@ def candidates(model: CompiledModel, layout: str, index: int, seed: int
         if is_anchor(variant.graph, group.producer) else [1]
     points = [b for b in range(1, MAX_BLOCK + 1) if len(shape) == 3 and shape[-1] % b == 0] \
         or [1]
-    space = [{"oc_block": o, "x_block": x, "unroll_max": u}
+    space = [{"oc_block": o, "x_block": x, "unroll_max": u, "winograd": 0}
              for o in blocks for x in points for u in UNROLL_CHOICES if o * x <= 2 * MAX_BLOCK]
+    # A Winograd kernel's points are its tile and it unrolls no window: only oc_block varies.
+    space += [{"oc_block": o, "x_block": 1, "unroll_max": 0, "winograd": tile}
+              for o in blocks for tile in winograd_tiles(variant.graph, group)]
     random.Random(seed).shuffle(space)
     yield from space
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import pickle
 import signal
 import tempfile
 import time
@@ -39,11 +40,13 @@ class WorkerTimeout(WorkerError):
 
 
 def _child_main(target: Callable[..., None], log_path: str, connection: Connection,
-                args: tuple[Any, ...]) -> None:
+                args_path: str) -> None:
     # At the level of the file descriptor, so that native code's messages are kept too.
     log = os.open(log_path, os.O_WRONLY | os.O_APPEND)
     os.dup2(log, 2)
     os.close(log)
+    with open(args_path, "rb") as file:
+        args = pickle.load(file)
     target(connection, *args)
 
 
@@ -57,9 +60,14 @@ class Worker:
         context = multiprocessing.get_context("spawn")
         handle, self._log_path = tempfile.mkstemp(prefix="cnnc-worker-", suffix=".log")
         os.close(handle)
+        # The arguments (a model's weights: megabytes) go through a file, not the spawn pipe:
+        # a child that dies before reading all of that pipe leaves start() blocked forever.
+        handle, self._args_path = tempfile.mkstemp(prefix="cnnc-worker-", suffix=".args")
+        with os.fdopen(handle, "wb") as file:
+            pickle.dump(args, file)
         self.connection, child = context.Pipe()
         self.process = context.Process(target=_child_main, daemon=True,
-                                       args=(target, self._log_path, child, args))
+                                       args=(target, self._log_path, child, self._args_path))
         self.process.start()
         # Without our copy of its end, the pipe reports the child's death as end of file.
         child.close()
@@ -131,8 +139,9 @@ class Worker:
         self.process.join(STOP_SECONDS)
         self.kill()
         self.connection.close()
-        with contextlib.suppress(OSError):
-            os.remove(self._log_path)
+        for path in (self._log_path, self._args_path):
+            with contextlib.suppress(OSError):
+                os.remove(path)
 
     def _died(self) -> WorkerDied:
         self.process.join(STOP_SECONDS)

@@ -19,7 +19,7 @@ from cnnc.kernel import Kernel
 from cnnc.lower.template import _avg_divisors
 from cnnc.passes.fuse import is_view
 from cnnc.training import batchnorm, kernels, transposed
-from cnnc.training.program import Builder, Launch, Place, WholeBatch
+from cnnc.training.program import Builder, Launch, Place, WholeBatch, reads_input
 
 
 def backward(plan: Builder, output: str, grad_output: int
@@ -87,8 +87,16 @@ def backward(plan: Builder, output: str, grad_output: int
         elif gx is None:
             continue
         elif op in ("avgpool2d", "maxpool2d", "global_avgpool2d"):
+            then = _fusable_activation(graph, name, source, needs)
+            if then is not None:  # the activation's rule goes into this kernel
+                contributions[source].remove(gx)
+                activation_input = graph.operands(source)[0]
+                contributions.setdefault(activation_input, []).append(gx)
+                rule = ops.OPS[graph.op(source)].gradient
+                assert rule is not None and rule.lower is not None
+                then = (rule.lower, graph.attrs(source))
             items.append(plan.launch(_pool(plan.fresh("pgrad"), name, graph, in_shape, shape,
-                                           width), places))
+                                           width, then), places))
         elif op == "dropout":
             kernel = kernels.pointwise_backward(plan.fresh("dgrad"), name, floats, width,
                                                 lambda mask, y, g, attrs: g * mask, {},
@@ -146,8 +154,31 @@ def _batchnorm(plan: Builder, name: str, shape: tuple[int, ...], x_offset: int, 
     return items
 
 
+def _fusable_activation(graph: Graph, pool: str, source: str, needs: set[str]
+                        ) -> tuple | None:  # type: ignore[type-arg]
+    """Whether the pool's input is an activation whose backward rule can run inside the
+    pool's: read only by the pool, a rule that needs only its output, and windows that tile
+    the input exactly (each point in one window, so each gradient is stored once)."""
+    spec = ops.OPS[graph.op(source)]
+    if (spec.kind != "elementwise" or spec.gradient is None or spec.gradient.lower is None
+            or graph.op(source) in ("batchnorm2d", "dropout", "identity")
+            or graph.users(source) != [pool] or graph.operands(source)[0] not in needs
+            or reads_input(graph.op(source), graph.attrs(source))):
+        return None
+    if graph.op(pool) == "global_avgpool2d":
+        return ()
+    attrs = graph.attrs(pool)
+    (kh, kw), (sh, sw) = attrs["kernel_size"], attrs["stride"]
+    _, height, width = graph.shape(source)
+    _, out_h, out_w = graph.shape(pool)
+    exact = (kh, kw) == (sh, sw) and attrs["padding"] == ((0, 0), (0, 0)) and \
+        (out_h * kh, out_w * kw) == (height, width)
+    return () if exact else None
+
+
 def _pool(name: str, layer: str, graph: Graph, in_shape: tuple[int, ...],
-          shape: tuple[int, ...], width: int) -> Kernel:
+          shape: tuple[int, ...], width: int, then: tuple | None = None  # type: ignore[type-arg]
+          ) -> Kernel:
     op = graph.op(layer)
     attrs = dict(graph.attrs(layer))
     divisors: np.ndarray | None = None
@@ -156,7 +187,8 @@ def _pool(name: str, layer: str, graph: Graph, in_shape: tuple[int, ...],
         divisors = np.full((1, 1), float(in_shape[1] * in_shape[2]))
     elif op == "avgpool2d":
         divisors = _avg_divisors(attrs, in_shape[1], in_shape[2], shape[1], shape[2])
-    return kernels.pool_backward(name, layer, op, attrs, in_shape, shape, divisors, width)
+    return kernels.pool_backward(name, layer, op, attrs, in_shape, shape, divisors, width,
+                                 then)
 
 
 def _weight_job(kernel_name: str, layer: str, graph: Graph, shape: tuple[int, ...],

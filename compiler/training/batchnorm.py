@@ -41,12 +41,18 @@ def _channel_points(shape: tuple[int, ...]) -> tuple[int, int]:
     return channels, height * width
 
 
-def _over_batch(blocks: int, width: int, area: int, body: list[Stmt]) -> list[Stmt]:
-    """`body` at each point p of channel ITEM of each block b of the batch."""
+def _over_batch(blocks: int, width: int, area: int, body: list[Stmt], sums: tuple[str, ...]
+                ) -> list[Stmt]:
+    """`body` at each point p of channel ITEM of each block b of the batch. Each of `sums`
+    is summed per block first (`body` adds to "<sum>_block"), then over the blocks: sums of
+    a few thousand terms, not of a whole batch's, which keeps batch norm's gradient, a
+    difference of such sums, accurate for large batches."""
     from cnnc.kernel import If, less
 
+    opened = [Declare(f"{name}_block", Const(0.0)) for name in sums]
+    folded = [Assign(name, Local(name) + Local(f"{name}_block")) for name in sums]
     return [For("b", blocks, [If(less(Var("b") * width, BATCH), [
-        For("p", area, body, role="reduce")])], role="reduce")]
+        *opened, For("p", area, body, role="reduce"), *folded])], role="reduce")]
 
 
 def statistics(name: str, layer: str, shape: tuple[int, ...], eps: float, momentum: float,
@@ -65,14 +71,16 @@ def statistics(name: str, layer: str, shape: tuple[int, ...], eps: float, moment
     body: list[Stmt] = [
         Declare("total", Const(0.0)),
         lanes(width, [Declare("sum", Const(0.0)),
-                      *_over_batch(blocks, width, area, [Assign("sum", Local("sum") + valid * x)]),
+                      *_over_batch(blocks, width, area, [
+                          Assign("sum_block", Local("sum_block") + valid * x)], ("sum",)),
                       Assign("total", Local("total") + Local("sum"))]),
         Declare("mean", Local("total") / count),
         Declare("spread", Const(0.0)),
         lanes(width, [Declare("squares", Const(0.0)),
                       *_over_batch(blocks, width, area, [
                           Declare("d", x - Local("mean")),
-                          Assign("squares", Local("squares") + valid * (Local("d") * Local("d")))]),
+                          Assign("squares_block", Local("squares_block")
+                                 + valid * (Local("d") * Local("d")))], ("squares",)),
                       Assign("spread", Local("spread") + Local("squares"))]),
         Declare("var", Local("spread") / count),
         Store("stats", ITEM, Local("mean")),
@@ -152,8 +160,9 @@ def reduce_gradient(name: str, layer: str, shape: tuple[int, ...], width: int, b
         lanes(width, [Declare("gb", Const(0.0)), Declare("gw", Const(0.0)),
                       *_over_batch(blocks, width, area, [
                           Declare("g", value(g_offset)),
-                          Assign("gb", Local("gb") + Local("g")),
-                          Assign("gw", Local("gw") + Local("g") * normalised)]),
+                          Assign("gb_block", Local("gb_block") + Local("g")),
+                          Assign("gw_block", Local("gw_block") + Local("g") * normalised)],
+                          ("gb", "gw")),
                       Assign("tb", Local("tb") + Local("gb")),
                       Assign("tw", Local("tw") + Local("gw"))]),
         Store("grad_bias", ITEM, Local("tb")), Store("grad_weight", ITEM, Local("tw"))]

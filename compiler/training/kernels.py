@@ -202,11 +202,15 @@ def conv_input_backward(name: str, layer: str, attrs: dict, in_shape: tuple[int,
 
 
 def pool_backward(name: str, layer: str, op: str, attrs: dict, in_shape: tuple[int, ...],
-                  out_shape: tuple[int, ...], divisors: np.ndarray | None, width: int
-                  ) -> Kernel:
+                  out_shape: tuple[int, ...], divisors: np.ndarray | None, width: int,
+                  then: tuple[PointRule, dict] | None = None) -> Kernel:
     """Each window sends its gradient back to its input points: an average pool a share to
     each (over PyTorch's divisor), a max pool all of it to the window's first maximum in
-    row-major order (PyTorch's choice), found by comparing with the saved output."""
+    row-major order (PyTorch's choice), found by comparing with the saved output.
+
+    `then` (the rule of the activation before the pool, which reads only its output, the
+    pool's input) is applied to the gradient as it is stored, when the windows tile the input
+    exactly (each point in one window): the two backward rules are then one pass."""
     channels, height, wide = in_shape
     _, out_h, out_w = out_shape
     (kh, kw), (sh, sw) = attrs["kernel_size"], attrs["stride"]
@@ -229,7 +233,7 @@ def pool_backward(name: str, layer: str, op: str, attrs: dict, in_shape: tuple[i
             buffers.append(Buffer("div", divisors.size, "param",
                                   divisors.astype(np.float32).ravel()))
             share = grad / Load("div", oy * out_w + ox)
-        tap = [Store("gx", target, Load("gx", target) + share)]
+        tap = [Store("gx", target, share if then else Load("gx", target) + share)]
     else:
         buffers += [Buffer("x", math.prod(in_shape) * width, "input"),
                     Buffer("y", math.prod(out_shape) * width, "input")]
@@ -238,16 +242,26 @@ def pool_backward(name: str, layer: str, op: str, attrs: dict, in_shape: tuple[i
                      Const(1.0) - Local("found"))
         head = [Declare("found", Const(0.0))]
         tap = [Declare("hit", hit),
-               Store("gx", target, Load("gx", target) + Local("hit") * grad),
+               Store("gx", target, Local("hit") * grad if then else
+                     Load("gx", target) + Local("hit") * grad),
                Assign("found", Local("found") + Local("hit"))]
-    inside = all_of(in_range(iy, height), in_range(ix, wide))
+    if then is not None:  # the activation's rule, at the store
+        rule, rule_attrs = then
+        stored = next(stmt for stmt in tap if isinstance(stmt, Store))
+        stored.value = rule(Load("none", Const(0)), Load("x", target), stored.value, rule_attrs)
+        if not any(buffer.name == "x" for buffer in buffers):
+            buffers.append(Buffer("x", math.prod(in_shape) * width, "input"))
+        zero = []
+    padded = top or left or attrs["padding"][0][1] or attrs["padding"][1][1]
+    inside = all_of(in_range(iy, height), in_range(ix, wide)) if padded or \
+        out_h * sh + kh - sh > height or out_w * sw + kw - sw > wide else None
     window: list[Stmt] = [For(wy.name, kh, [For(wx.name, kw, [If(inside, tap)] if inside
                                                  is not None else tap, role="window")],
                               role="window")]
     body = [lanes(width, head + window)]
     for var, extent in ((ox, out_w), (oy, out_h), (c, channels)):
         body = [For(var.name, extent, body, role="spatial")]
-    buffers.append(Buffer("gx", math.prod(in_shape) * width, "inout"))
+    buffers.append(Buffer("gx", math.prod(in_shape) * width, "output" if then else "inout"))
     return Kernel(name, [layer], buffers, zero + body)
 
 
@@ -318,40 +332,51 @@ def conv_weight_backward(name: str, layer: str, attrs: dict, in_shape: tuple[int
                 Assign("ab", Local("ab") + g)], role="reduce")], role="reduce")]),
             Assign("tb", Local("tb") + Local("ab"))]), Store("gb", ITEM, Local("tb"))]
     taps = [(ky, kx) for ky in range(kh) for kx in range(kw)]
-    # The columns whose every tap is inside the input need no guard: only the few at the
-    # borders pay for a select (one accumulator per tap, so no sum depends on the split).
-    inner_x = [col for col in range(out_w)
-               if all(0 <= col * sw + kx * dw - left < wide for kx in range(kw))]
-    first, end = (inner_x[0], inner_x[-1] + 1) if inner_x else (out_w, out_w)
+    # Few taps leave registers for a sum per block, added to the whole batch's at the end of
+    # the block: sums of one block's points, which stay accurate for large images and batches.
+    part = "_b" if len(taps) <= 12 else ""
 
-    def row(ky: int, start: int, stop: int, guard: bool) -> list[Stmt]:
-        """The taps of kernel row ky at columns [start, stop) of output row y."""
-        if stop <= start:
+    def inside(size: int, out: int, stride: int, kernel: int, dilation: int, pad: int
+               ) -> tuple[int, int]:
+        """The output coordinates whose every tap is inside the input, as [first, end)."""
+        whole = [at for at in range(out)
+                 if all(0 <= at * stride + k * dilation - pad < size for k in range(kernel))]
+        return (whole[0], whole[-1] + 1) if whole else (0, 0)
+
+    def points(rows: tuple[int, int], cols: tuple[int, int], guard: bool) -> list[Stmt]:
+        """Every tap at output points rows x cols: one load of g, one accumulator per tap
+        (enough independent sums to fill the FMA pipes); a guard only at the borders."""
+        if rows[1] <= rows[0] or cols[1] <= cols[0]:
             return []
-        col = x + start
-        point = (ITEM * out_h + y) * out_w + col
+        row, col = y + rows[0], x + cols[0]
+        point = (ITEM * out_h + row) * out_w + col
         update: list[Stmt] = [Declare("gv", Load("acts", _block_at(block_floats, g_offset,
                                                                    point, width)))]
-        iy = y * sh + ky * dh - top
-        for kx in range(kw):
-            ix = col * sw + kx * dw - left
-            inside = in_range(ix, wide) if guard else None
-            safe_x = Select(inside, ix, Const(0)) if inside is not None else ix
+        for ky, kx in taps:
+            iy, ix = row * sh + ky * dh - top, col * sw + kx * dw - left
+            ok = all_of(in_range(iy, height), in_range(ix, wide)) if guard else None
+            safe_y = Select(ok, iy, Const(0)) if ok is not None else iy
+            safe_x = Select(ok, ix, Const(0)) if ok is not None else ix
             value: Expr = Load("acts", _block_at(block_floats, x_offset,
-                                                 (c * height + iy) * wide + safe_x, width))
-            if inside is not None:
-                value = Select(inside, value, Const(0.0))
-            update.append(Assign(f"a{ky}_{kx}", Local(f"a{ky}_{kx}") + Local("gv") * value))
-        return [For(x.name, stop - start, update, role="reduce")]
+                                                 (c * height + safe_y) * wide + safe_x, width))
+            if ok is not None:
+                value = Select(ok, value, Const(0.0))
+            acc = f"a{ky}_{kx}{part}"
+            update.append(Assign(acc, Local(acc) + Local("gv") * value))
+        return [For(y.name, rows[1] - rows[0], [For(x.name, cols[1] - cols[0], update,
+                                                    role="reduce")], role="reduce")]
 
-    rows: list[Stmt] = []
-    for ky in range(kh):
-        cols = row(ky, 0, first, True) + row(ky, first, end, False) + \
-            row(ky, max(end, first), out_w, True)
-        iy = y * sh + ky * dh - top
-        rows += [If(in_range(iy, height), cols)] if top or bottom else cols
-    spatial = [For(y.name, out_h, rows, role="reduce")]
+    y0, y1 = inside(height, out_h, sh, kh, dh, top)
+    x0, x1 = inside(wide, out_w, sw, kw, dw, left)
+    spatial = points((y0, y1), (x0, x1), False)
+    if (y0, y1, x0, x1) != (0, out_h, 0, out_w):  # the borders, guarded
+        spatial += points((0, y0), (0, out_w), True) + points((y1, out_h), (0, out_w), True)
+        spatial += points((y0, y1), (0, x0), True) + points((y0, y1), (x1, out_w), True)
     inner: list[Stmt] = [Declare(f"t{ky}_{kx}", Const(0.0)) for ky, kx in taps]
+    if part:
+        spatial = [*(Declare(f"a{ky}_{kx}{part}", Const(0.0)) for ky, kx in taps), *spatial,
+                   *(Assign(f"a{ky}_{kx}", Local(f"a{ky}_{kx}") + Local(f"a{ky}_{kx}{part}"))
+                     for ky, kx in taps)]
     inner.append(lanes(width, [*(Declare(f"a{ky}_{kx}", Const(0.0)) for ky, kx in taps),
                                *_over_blocks(blocks, width, spatial),
                                *(Assign(f"t{ky}_{kx}", Local(f"t{ky}_{kx}") +

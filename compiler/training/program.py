@@ -25,11 +25,13 @@ import numpy as np
 from cnnc import ops
 from cnnc.errors import ModelError
 from cnnc.graph import INPUT, Graph
-from cnnc.kernel import Kernel
+from cnnc.kernel import Const, Kernel, Load, walk
 from cnnc.lower import USER_INPUT, USER_OUTPUT, lower
 from cnnc.ops.elementwise import BATCHNORM_MOMENTUM
 from cnnc.passes import Options, run_pipeline
-from cnnc.passes.fuse import tensor_of
+from cnnc.passes.fuse import _name, tensor_of
+from cnnc.passes.tile import tile
+from cnnc.plan import Group
 from cnnc.training import batchnorm, kernels
 from cnnc.util import ceil_div
 
@@ -132,12 +134,49 @@ def check_compilable(graph: Graph, loss: str) -> None:
                          f"model '{graph.name}' has shape {list(shape)}")
 
 
+def reads_input(op: str, attrs: dict) -> bool:
+    """Whether an elementwise op's compiled gradient reads its input (not only its output):
+    one that does not may be fused into the kernel before it, whose value is then not kept."""
+    rule = ops.OPS[op].gradient
+    assert rule is not None and rule.lower is not None
+    probe = rule.lower(Load("x", Const(0)), Load("y", Const(0)), Load("g", Const(0)), attrs)
+    return any(isinstance(node, Load) and node.buffer == "x" for node in walk(probe))
+
+
+def fuse_activations(graph: Graph) -> list[Group]:
+    """One kernel per op, but a conv or dense layer and the activation after it (when that is
+    its only reader and the activation's gradient needs only its output, as sigmoid's, relu's
+    and tanh's do): the pre-activation value is then never written to memory."""
+    groups = list(graph.plan.groups)
+    merged: list[Group] = []
+    for group in groups:
+        node = group.producer
+        if merged and len(group.nodes) == 1 and graph.op(node) not in ("batchnorm2d", "dropout"):
+            previous = merged[-1]
+            source = graph.operands(node)
+            spec = ops.OPS[graph.op(node)]
+            if (len(previous.nodes) == 1 and graph.op(previous.producer) in ("conv2d", "dense")
+                    and source == [previous.producer] and spec.kind == "elementwise"
+                    and graph.users(previous.producer) == [node]
+                    and previous.producer not in graph.outputs
+                    and spec.gradient is not None and spec.gradient.lower is not None
+                    and not reads_input(graph.op(node), graph.attrs(node))):
+                previous.nodes.append(node)
+                continue
+        merged.append(Group(list(group.nodes), group.window))
+    return merged
+
+
 class Builder:
     """The state of planning one program: the forward graph, the two regions being laid out
     and what is placed where. `backward` walks the graph through it."""
 
     def __init__(self, graph: Graph, batch_size: int) -> None:
-        self.graph = run_pipeline(graph, Options(layout="batch"), ("fold_batchnorm", "fuse"))
+        options = Options(layout="batch")
+        self.graph = run_pipeline(graph, options, ("fold_batchnorm", "fuse", "tile",
+                                                   "plan_memory"))
+        self.graph.plan.groups = _name(fuse_activations(self.graph), self.graph)
+        tile(self.graph, options)
         self.lowered = lower(self.graph)
         self.width = self.lowered.images_per_block
         self.blocks = ceil_div(batch_size, self.width)
@@ -157,8 +196,10 @@ class Builder:
         self.hyper = Place("global")
 
     def fresh(self, stem: str) -> str:
+        """A kernel name of its own: "_t" keeps it apart from the forward kernels' names
+        (`dropout_2`)."""
         self.number += 1
-        return f"{stem}_{self.number}"
+        return f"{stem}_t{self.number}"
 
     def place_params(self) -> int:
         """Trained parameters first, in one region padded to the optimizer's chunks; then the

@@ -20,7 +20,7 @@ import numpy as np
 
 from cnnc.errors import InputError
 from cnnc.frontend import load
-from cnnc.graph import Graph
+from cnnc.graph import INPUT, Graph
 from cnnc.passes.fuse import tensor_of
 from cnnc.reference import check_input
 from cnnc.training import program as programs
@@ -102,13 +102,28 @@ class Trainer:
         return int(self.store.nbytes)
 
     def parameters(self) -> dict[str, np.ndarray]:
-        """The trained parameters, keyed as in the weights file ("layer.param")."""
-        return {key: self._param_view(key).copy() for key in self.program.params}
+        """Every parameter, keyed as in the weights file ("layer.param"); those of layers the
+        output does not depend on (pruned from the program) keep their initial values."""
+        params = {f"{name}.{key}": value.copy() for name in self.graph.order()
+                  for key, value in self.graph.params(name).items()}
+        params.update({key: self._param_view(key).copy() for key in self.program.params})
+        return params
 
     def gradients(self) -> dict[str, np.ndarray]:
-        """The gradients of the last step."""
+        """The gradient of every trained parameter in the last step (zero for a layer the
+        output does not depend on)."""
+        from cnnc import ops
+
         region = self.program.grads_offset  # the params region starts the store
-        return {key: self._param_view(key, region).copy() for key in self.program.trained}
+        grads = {}
+        for name in self.graph.order():
+            rule = ops.OPS[self.graph.op(name)].gradient if name != INPUT else None
+            for key, value in self.graph.params(name).items():
+                if rule is None or key not in rule.buffers:
+                    grads[f"{name}.{key}"] = np.zeros_like(value)
+        grads.update({key: self._param_view(key, region).copy()
+                      for key in self.program.trained})
+        return grads
 
     def save(self, path: str | Path) -> Path:
         """Write the parameters as a .npz weights file (`weights:` in the YAML)."""
@@ -190,7 +205,9 @@ class Trainer:
         from cnnc.dropout import dropout_masks
 
         width = self.program.width
-        for layer, mask in dropout_masks(self.graph, self.seed, self.steps, count).items():
+        masks = dropout_masks(self.graph, self.seed, self.steps, count)
+        for layer in self.program.masks:  # a dropout layer the output needs
+            mask = masks[layer]
             flat = mask.reshape(count, -1)
             padded = np.zeros((blocks * width, flat.shape[1]), np.float32)
             padded[:count] = flat

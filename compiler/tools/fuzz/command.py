@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from cnnc.tools.fuzz.configs import BOUNDS_EVERY, CONFIGS
+from cnnc.tools.fuzz.configs import BOUNDS_EVERY, CONFIGS, TRAINING_CONFIGS
 from cnnc.tools.fuzz.loop import fuzz
 from cnnc.tools.fuzz.model import CASE_FILE
 from cnnc.tools.fuzz.replay import case_dirs, replay
@@ -27,12 +27,16 @@ class _Failure(click.ClickException):
         click.echo(f"error: {self.message}", err=True)
 
 
-def _target_list(text: str) -> list[str]:
+def _target_list(text: str | None, training: bool) -> list[str]:
+    known = list(TRAINING_CONFIGS if training else CONFIGS)
+    if text is None:
+        return known
     names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in CONFIGS]
+    unknown = [name for name in names if name not in known]
     if unknown or not names:
-        raise _Failure(f"unknown target '{unknown[0] if unknown else text}'; expected some "
-                       f"of {', '.join(CONFIGS)}")
+        mode = " with --train" if training else ""
+        raise _Failure(f"unknown target '{unknown[0] if unknown else text}'{mode}; expected "
+                       f"some of {', '.join(known)}")
     return names
 
 
@@ -43,8 +47,14 @@ def _target_list(text: str) -> list[str]:
               help="How many models to check.  [default: 100, or unlimited with --seconds]")
 @click.option("--seconds", type=click.FloatRange(min=0), default=None,
               help="Stop starting new models after this many seconds.")
-@click.option("--targets", default=",".join(CONFIGS), show_default=True,
-              help="Comma-separated configurations to compile each model for.")
+@click.option("--targets", default=None,
+              help="Comma-separated configurations to compile each model for.  [default: "
+                   f"{','.join(CONFIGS)}; with --train {','.join(TRAINING_CONFIGS)}]")
+@click.option("--train", "training", is_flag=True,
+              help="Fuzz compiled training instead: models of the ops whose gradient cnnc "
+                   "compiles, one step (lr 0) of a random loss, reduction and batch of 1 to "
+                   "40 images, its loss and gradients against cnnc.reference_backward, and "
+                   "the same bits on 1 and 2 threads.")
 @click.option("--sample", type=click.IntRange(min=0), default=None,
               help="Run each model on the first target and this many of the others, in turn "
                    "(faster); by default every target, and the bounds-checking ones on every "
@@ -62,9 +72,9 @@ def _target_list(text: str) -> list[str]:
               default=None, help="Run the cases written in DIR (or its subfolders) again.")
 @click.option("--quiet", "-q", is_flag=True,
               help="Only the summary: no progress or failure lines on stderr.")
-def fuzz_command(seed: int, count: int | None, seconds: float | None, targets: str,
-                 sample: int | None, jobs: int | None, out_dir: Path, shrink_seconds: float,
-                 replay_dir: Path | None, quiet: bool) -> None:
+def fuzz_command(seed: int, count: int | None, seconds: float | None, targets: str | None,
+                 training: bool, sample: int | None, jobs: int | None, out_dir: Path,
+                 shrink_seconds: float, replay_dir: Path | None, quiet: bool) -> None:
     """Check random valid models against the NumPy reference on every target.
 
     Each model is written in the model format, loaded, compiled for each target (llvm fused
@@ -73,6 +83,11 @@ def fuzz_command(seed: int, count: int | None, seconds: float | None, targets: s
     reference by the rule of `cnnc run --check`. A crash, a compile error or a mismatch is
     shrunk and written under --out. Progress goes to stderr when it is a terminal. Exits
     with status 1 when anything failed.
+
+    With --train it fuzzes compiled training: each model's loss and every gradient of one
+    step must match the float64 reference backward, and be the same bits on a second step
+    and on two threads as on one; failures are shrunk and written the same way (and a
+    target.npy).
     """
     if replay_dir is not None:
         failed = 0
@@ -96,10 +111,11 @@ def fuzz_command(seed: int, count: int | None, seconds: float | None, targets: s
     def say(line: str) -> None:
         click.echo(line, err=True)
 
-    report = fuzz(seed, count, seconds, _target_list(targets), sample,
+    report = fuzz(seed, count, seconds, _target_list(targets, training), sample,
                   jobs if jobs is not None else (os.cpu_count() or 1), out_dir,
                   shrink_seconds, log=None if quiet else say,
-                  progress=say if not quiet and sys.stderr.isatty() else None)
+                  progress=say if not quiet and sys.stderr.isatty() else None,
+                  training=training)
     click.echo(report.summary())
     if report.failures:
         raise SystemExit(1)

@@ -40,6 +40,9 @@ CONFIGS: dict[str, Config] = {config.name: config for config in (
     Config("cuda-sim-bounds", target="cuda-sim", check_bounds=True),
 )}
 BOUNDS_EVERY = 4  # without --sample, the bounds-checking configs run on every 4th model
+# The training mode's configurations (`cnnc fuzz --train`): one compiled training step on
+# this many threads; "train-2threads" must also give the bits of "train".
+TRAINING_CONFIGS: dict[str, int] = {"train": 1, "train-2threads": 2}
 
 
 def configs_for(index: int, targets: list[str], sample: int | None) -> list[str]:

@@ -49,8 +49,15 @@ class _Builder:
     """Grows a valid model layer by layer, checking each against the op registry."""
 
     def __init__(self, rng: np.random.Generator, input_shape: tuple[int, int, int],
-                 hostile_names: bool, wide: bool = False) -> None:
+                 hostile_names: bool, wide: bool = False,
+                 image_ops: dict[str, float] | None = None,
+                 flat_ops: dict[str, float] | None = None,
+                 activations: tuple[str, ...] = ops.ACTIVATIONS) -> None:
         self.rng = rng
+        # The ops it draws, by weight (the training mode draws only those it can compile).
+        self.image_ops = IMAGE_OPS if image_ops is None else image_ops
+        self.flat_ops = FLAT_OPS if flat_ops is None else flat_ops
+        self.activations = activations
         self.max_values = WIDE_VALUES if wide else MAX_VALUES
         self.max_channels = WIDE_CHANNELS if wide else MAX_CHANNELS
         self.graph = Graph("fuzz", input_shape)
@@ -120,9 +127,10 @@ class _Builder:
             # joined again later by add or concat, become an output, or stay unused.
             self.current = str(rng.choice([INPUT, *(layer.name for layer in self.layers)]))
             rank = len(self.shape(self.current))
-        op = _pick(rng, IMAGE_OPS if rank == 3 else FLAT_OPS)
+        op = _pick(rng, self.image_ops if rank == 3 else self.flat_ops)
         shape = self.shape(self.current)
-        activation = str(rng.choice(ops.ACTIVATIONS)) if rng.random() < 0.3 else None
+        activation = str(rng.choice(self.activations)) if rng.random() < 0.3 and \
+            self.activations else None
         form = ops.OPS[op].fuzz
         assert form is not None
         if form.joins is not None:

@@ -101,7 +101,8 @@ def compare(got: Any, want: tuple[np.ndarray, ...], names: list[str],
 class Failure:
     """What went wrong with one configuration. `kind` is "load", "reference", "compile",
     "crash" (an exception while running, or the process died), "bounds", "mismatch",
-    "nondeterministic" or "hang"; `error` is the exception's type, if any."""
+    "nondeterministic", "hang" or, in the training mode, "missing" (a gradient the trainer
+    does not give); `error` is the exception's type, if any."""
 
     config: str
     kind: str
@@ -229,7 +230,12 @@ def error_text(error: BaseException) -> str:
 
 def evaluate_case(case: Case, configs: list[str],
                   progress: Callable[[str], None] | None = None) -> Outcome:
-    """`evaluate` on a case held in memory: its model written to a temporary folder."""
+    """`evaluate` on a case held in memory: its model written to a temporary folder; a case
+    of the training mode is judged by `training.evaluate_training`."""
+    if case.training is not None:
+        from cnnc.tools.fuzz.training import evaluate_training_case  # it builds on this module
+
+        return evaluate_training_case(case, configs, progress)
     with tempfile.TemporaryDirectory(prefix="cnnc-fuzz-") as folder:
         path = case.spec.write(Path(folder))
         return evaluate(path, case.x, case.layout, configs, progress, case.schedule)

@@ -1,5 +1,6 @@
 """A fuzzing run (`fuzz()`): models seed/0, 1, 2, ... judged in worker processes until a count
-or a time is reached; then the failures, distinct kinds first, are shrunk and written.
+or a time is reached; then the failures, distinct kinds first, are shrunk and written. With
+`training`, the models are the training mode's, each judged by one compiled training step.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cnnc.compare import ATOL, RTOL
-from cnnc.tools.fuzz.configs import CONFIGS, configs_for
+from cnnc.tools.fuzz.configs import CONFIGS, TRAINING_CONFIGS, configs_for
 from cnnc.tools.fuzz.judge import Failure, Outcome
 from cnnc.tools.fuzz.replay import write_case
 from cnnc.tools.fuzz.runner import Job, Runner
@@ -71,23 +72,26 @@ def fuzz(seed: int = 0, count: int | None = None, seconds: float | None = None,
          targets: list[str] | None = None, sample: int | None = None, jobs: int = 1,
          out: Path | None = None, shrink_seconds: float = 60.0, max_shrunk: int = 5,
          log: Callable[[str], None] | None = None,
-         progress: Callable[[str], None] | None = None) -> Report:
+         progress: Callable[[str], None] | None = None, training: bool = False) -> Report:
     """Generate and check models `seed`/0, 1, 2, ... until `count` models or `seconds` have
     passed; shrink up to `max_shrunk` failures of distinct kinds and write them under `out`.
     `log` gets a line per failure and per shrinking step; `progress` a line on how far the
-    run is, after a model, at most every PROGRESS_SECONDS."""
-    targets = list(targets or CONFIGS)
-    unknown = [name for name in targets if name not in CONFIGS]
+    run is, after a model, at most every PROGRESS_SECONDS. `training` fuzzes compiled
+    training steps instead, on `targets` of TRAINING_CONFIGS (every one for every model)."""
+    known = TRAINING_CONFIGS if training else CONFIGS
+    targets = list(targets or known)
+    unknown = [name for name in targets if name not in known]
     if unknown:
         raise ValueError(f"unknown fuzzing target {unknown[0]!r}; targets: "
-                         f"{', '.join(CONFIGS)}")
+                         f"{', '.join(known)}")
     if count is None and seconds is None:
         count = 100
     report = Report(seed)
     start = shown = time.monotonic()
     deadline = start + seconds if seconds is not None else None
     limit = count if count is not None else 1 << 62
-    jobs_iter = (Job(configs_for(index, targets, sample), seed, index) for index in range(limit))
+    jobs_iter = (Job(targets if training else configs_for(index, targets, sample), seed, index,
+                     training=training) for index in range(limit))
     found: list[tuple[int, Job, Outcome]] = []
     with tempfile.TemporaryDirectory(prefix="cnnc-fuzz-cache-") as cache, \
             Runner(jobs, os.environ.get("CNNC_CACHE_DIR", cache)) as runner:
@@ -133,7 +137,8 @@ def _write_failures(found: list[tuple[int, Job, Outcome]], runner: Runner, out: 
     for index, job, outcome in found:
         failure = outcome.failures[0]
         case = job.resolve()
-        directory = out / f"seed{seed}-model{index}-{failure.config}-{failure.kind}"
+        mode = "training-" if job.training else ""
+        directory = out / f"seed{seed}-{mode}model{index}-{failure.config}-{failure.kind}"
         shrunk = False
         if index in chosen:
             if log is not None:

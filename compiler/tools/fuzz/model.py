@@ -22,6 +22,7 @@ from cnnc.graph import INPUT, Graph
 MODEL_FILE = "model.yaml"
 WEIGHTS_FILE = "model.weights.npz"
 INPUT_FILE = "input.npy"
+TARGET_FILE = "target.npy"  # the training mode's targets
 CASE_FILE = "case.json"
 
 
@@ -103,15 +104,28 @@ def _layer_entry(layer: LayerSpec, position: int, previous: str) -> Any:
 
 
 @dataclass
+class TrainingSetup:
+    """What one training step of a case needs beside its input (`cnnc fuzz --train`): the
+    loss, its reduction, the trainer's batch size and the targets (labels or values)."""
+
+    loss: str
+    reduction: str
+    batch_size: int
+    y: np.ndarray
+
+
+@dataclass
 class Case:
     """A model and the input it runs on. `x` holds the values (float32, C order); `layout`
-    says how the array is presented to the model: its memory order or another dtype."""
+    says how the array is presented to the model: its memory order or another dtype. A case
+    of the training mode has a `training` setup and is judged by one training step."""
 
     spec: ModelSpec
     x: np.ndarray
     layout: str = "c"
     input_kind: str = "normal"
     schedule: dict[str, Any] = field(default_factory=dict)  # for the "-tiled" configs
+    training: TrainingSetup | None = None
 
 
 def load_with_seed(spec: ModelSpec) -> Graph:

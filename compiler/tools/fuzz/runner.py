@@ -17,6 +17,7 @@ from multiprocessing.connection import Connection
 from cnnc.tools.fuzz.generate import generate
 from cnnc.tools.fuzz.judge import Failure, Outcome, error_text, evaluate_case
 from cnnc.tools.fuzz.model import Case
+from cnnc.tools.fuzz.training import generate_training
 from cnnc.tools.workers import Worker, WorkerDied, wait_any
 
 CASE_TIMEOUT = 300.0  # seconds one model may take in a worker before it counts as hung
@@ -25,15 +26,21 @@ JOBS_PER_WORKER = 100  # then a fresh worker: the code of compiled models is nev
 
 @dataclass
 class Job:
-    """A model to evaluate: generated from (seed, index), or given as a Case."""
+    """A model to evaluate: generated from (seed, index), a training one if `training`, or
+    given as a Case."""
 
     configs: list[str]
     seed: int = 0
     index: int = 0
     case: Case | None = None
+    training: bool = False
 
     def resolve(self) -> Case:
-        return self.case if self.case is not None else generate(self.seed, self.index)
+        if self.case is not None:
+            return self.case
+        if self.training:
+            return generate_training(self.seed, self.index)
+        return generate(self.seed, self.index)
 
 
 def _worker_main(connection: Connection, cache_dir: str | None) -> None:

@@ -16,6 +16,7 @@ from cnnc.graph import INPUT
 from cnnc.tools.fuzz.judge import Failure
 from cnnc.tools.fuzz.model import Case, ModelSpec, load_with_seed
 from cnnc.tools.fuzz.runner import Runner
+from cnnc.tools.fuzz.training import fit_targets
 
 
 def _removed(spec: ModelSpec, position: int) -> ModelSpec:
@@ -39,14 +40,24 @@ SIMPLER_ATTRS = {"stride": 1, "padding": 0, "dilation": 1, "groups": None, "bias
                  "ceil_mode": None, "count_include_pad": None, "eps": None, "kernel_size": 1}
 
 
+def _images(case: Case, chosen: slice) -> Case:
+    """`case` with only the `chosen` images (and their targets)."""
+    training = case.training
+    if training is not None:
+        training = replace(training, y=training.y[chosen].copy())
+    return replace(case, x=case.x[chosen].copy(), training=training)
+
+
 def _candidates(case: Case) -> Iterator[Case]:
     """Smaller or simpler versions of `case`, the most promising first."""
     spec, x = case.spec, case.x
     batch = len(x)
     if batch > 1:
         for image in range(min(batch, 4)):
-            yield replace(case, x=x[image:image + 1].copy())
-        yield replace(case, x=x[: batch // 2].copy())
+            yield _images(case, slice(image, image + 1))
+        yield _images(case, slice(0, batch // 2))
+    if case.training is not None and case.training.batch_size > batch:
+        yield replace(case, training=replace(case.training, batch_size=batch))
     if spec.outputs is not None and len(spec.outputs) > 1:
         for name in spec.outputs:
             smaller = spec.copy()
@@ -166,6 +177,8 @@ def shrink(case: Case, failure: Failure, runner: Runner, seconds: float = 60.0,
             if time.monotonic() >= deadline or tried >= attempts:
                 break
             fitted = _fit_weights(candidate)
+            if fitted is not None and fitted.training is not None:
+                fitted = fit_targets(fitted)  # for the model's output now, or None
             if fitted is None:
                 continue
             tried += 1

@@ -1,0 +1,155 @@
+"""Batch 1 on two threads (`cnnc.backends.llvm.split`): one image's big kernels split across
+the thread pool, the same bits as on one thread, and LeNet-sized kernels left whole.
+
+The zoo's weights are made by examples/zoo/make_weights.py (PyTorch) into this session's own
+directory, as in test_zoo.py; the golden cases need nothing but the repository.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import CASES, EXAMPLES, GOLDEN, as_list
+
+import cnnc
+from cnnc.backends.llvm import split
+
+ZOO = EXAMPLES / "zoo"
+ZOO_MODELS = ["vgg_bn", "resnet8", "nin", "mnist_cnn", "mobilenet"]
+
+
+@pytest.fixture(scope="module")
+def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("torch", reason="the zoo's weights come from PyTorch")
+    spec = importlib.util.spec_from_file_location("zoo_make_weights", ZOO / "make_weights.py")
+    assert spec is not None and spec.loader is not None
+    make_weights = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_weights)
+    directory = tmp_path_factory.mktemp("zoo")
+    for name in ZOO_MODELS:
+        make_weights.write(name, directory)
+    return directory
+
+
+@pytest.fixture
+def barrier_1us(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool barrier of 1 us, whatever this machine measures while other programs load it:
+    the split decisions then depend on the model and the measured peak alone."""
+    monkeypatch.setattr(split, "host_barrier_us", lambda threads: 1.0)
+
+
+def image(graph: cnnc.Graph) -> np.ndarray:
+    return np.random.default_rng(7).standard_normal((1, *graph.input_shape), np.float32)
+
+
+def same_bits(graph: cnnc.Graph, calls: int = 5) -> cnnc.CompiledModel:
+    """The two-thread model of `graph`, after checking that its batch-1 outputs are those of
+    the one-thread model, bit for bit, call after call."""
+    one = cnnc.compile(graph, threads=1)
+    two = cnnc.compile(graph, threads=2)
+    x = image(graph)
+    expected = as_list(one(x))
+    for _ in range(calls):
+        for got, want in zip(as_list(two(x)), expected):
+            assert got.tobytes() == want.tobytes()
+    return two
+
+
+@pytest.mark.parametrize("name", ZOO_MODELS)
+def test_zoo_batch1_split_gives_the_bits_of_one_thread(name: str, zoo_dir: Path,
+                                                       barrier_1us: None) -> None:
+    two = same_bits(cnnc.load(zoo_dir / f"{name}.yaml"))
+    assert " x2" in two.split_plan  # its convolutions are big enough to split
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_splittable_kernel_split_gives_the_same_bits(
+        case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A free barrier splits every kernel that can be split, odd row counts included.
+    monkeypatch.setattr(split, "host_barrier_us", lambda threads: 0.0)
+    assert " x2" in same_bits(cnnc.load(GOLDEN / f"{case}.yaml")).split_plan
+
+
+def test_lenet_stays_on_one_thread(barrier_1us: None) -> None:
+    two = cnnc.compile(cnnc.load(EXAMPLES / "lenet.yaml"), threads=2)
+    assert two.split_plan == ""
+    assert two.split_stages == ()
+
+
+def lowered_of(graph: cnnc.Graph) -> tuple[cnnc.Graph, cnnc.lower.LoweredModel]:
+    variant = cnnc.compile(graph, threads=1).variant_for(1)
+    return variant.graph, variant.lowered
+
+
+def test_the_decision_weighs_flops_at_the_peak_against_the_barrier(zoo_dir: Path) -> None:
+    # 100 GFLOP/s and a 1 us barrier: a kernel is split when half its time at the peak is
+    # over SPLIT_MARGIN = 4 us, i.e. above 800 kFLOP on an even split.
+    graph, lowered = lowered_of(cnnc.load(zoo_dir / "mnist_cnn.yaml"))
+    assert split.describe(lowered, split.plan_stages(graph, lowered, 2, 100.0, 1.0)) == (
+        "stage 0: pack_input, conv2d_relu_0 x1\n"  # 411 kFLOP: too small
+        "stage 1: conv2d_relu_maxpool2d_1 x2\n"  # 21 MFLOP
+        "stage 2: dense_relu_2, dense_3, unpack_output_0 x1")  # no row or channel loop
+    assert split.plan_stages(graph, lowered, 2, 100.0, 1000.0) == []  # a dear barrier
+
+
+def test_lenet_sized_kernels_are_not_worth_a_barrier() -> None:
+    graph, lowered = lowered_of(cnnc.load(EXAMPLES / "lenet.yaml"))
+    assert split.plan_stages(graph, lowered, 2, 100.0, 1.0) == []
+    # Its second convolution has 5 rows; were it split, 3 and 2 of them.
+    kernel = lowered.kernels[2]
+    assert kernel.name == "conv2d_sigmoid_avgpool2d_1"
+    text = split.split_kernel(kernel, 2).to_text()
+    assert "kernel conv2d_sigmoid_avgpool2d_1_part_of_2(" in text
+    assert "for (y = 0; y < 3; y++) {" in text
+    assert "if (y + block * 3 < 5) {" in text
+
+
+def test_a_split_kernel_runs_its_share_of_rows(zoo_dir: Path) -> None:
+    graph, lowered = lowered_of(cnnc.load(zoo_dir / "vgg_bn.yaml"))
+    kernel = lowered.kernels[1]
+    assert kernel.name == "conv2d_relu_0"
+    loop = split.split_loop(kernel, 2)
+    assert loop is not None and (loop.var, loop.extent) == ("y", 32)
+    text = split.split_kernel(kernel, 2).to_text()
+    assert "for (y = 0; y < 16; y++) {" in text and "y + block * 16" in text
+    assert "for (y = 0; y < 32; y++)" not in text and "if (y + block" not in text
+    # Edge kernels read the batch, and a dense kernel has no row or channel-block loop.
+    assert split.split_loop(lowered.kernels[0], 2) is None
+    assert split.split_loop(lowered.kernels[-2], 2) is None
+
+
+def test_a_busy_pool_runs_the_image_whole_on_the_calling_thread(zoo_dir: Path,
+                                                                barrier_1us: None) -> None:
+    graph = cnnc.load(zoo_dir / "resnet8.yaml")
+    two = cnnc.compile(graph, threads=2)
+    expected = cnnc.compile(graph, threads=1)(image(graph))
+    assert two.split_plan
+    pool = two._pool
+    assert pool is not None
+    with pool._lock:  # another call holds the pool
+        result: list[np.ndarray] = []
+        caller = threading.Thread(target=lambda: result.append(two(image(graph))))
+        caller.start()
+        caller.join(timeout=30)
+    assert result and result[0].tobytes() == expected.tobytes()
+
+
+def test_the_barrier_is_measured_once_per_cpu(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # a cache of its own: another test (or run) may have measured 3 threads already
+    monkeypatch.setenv("CNNC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cnnc.target, "_BARRIERS", {})
+    calls: list[int] = []
+
+    def measure() -> float:
+        calls.append(1)
+        return 0.5
+
+    assert cnnc.target.pool_barrier_us(3, measure) == 0.5
+    assert cnnc.target.pool_barrier_us(3, measure) == 0.5
+    assert calls == [1]
+    assert split.measure_barrier_us(2) > 0.0
