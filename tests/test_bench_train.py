@@ -47,7 +47,7 @@ def test_bench_train_reports_throughput_peak_share_and_memory(tmp_path: Path) ->
     lines = result.output.splitlines()
     assert lines[0] == ("training tiny: SGD(lr=0.9), cross entropy (mean), random data; cnnc "
                         "against PyTorch eager")
-    assert lines[1].startswith("check (threads 1, batch 32): one step from the same weights")
+    assert lines[1].startswith("check (threads 1, 32 images): one step from the same weights")
     assert "4 parameters agree after it" in lines[1]
     assert lines[2].split() == ["threads", "batch", "engine", "step", "spread", "images/s",
                                 "cnnc/torch", "%", "of", "peak", "memory", "peak", "RSS",

@@ -26,6 +26,7 @@ from cnnc.graph import Graph
 from cnnc.tools.bench import ANSWER_SECONDS, SETTLE_SECONDS, START_SECONDS, _format_seconds
 from cnnc.tools.engines import EngineUnavailable
 from cnnc.tools.train_engines import (
+    CHECK_IMAGES,
     ENGINE_NAMES,
     EngineName,
     Session,
@@ -164,7 +165,7 @@ class TrainReport:
         lines = [f"training {self.model}: SGD(lr={self.lr:g}), cross entropy (mean), "
                  f"{self.data} data; cnnc against PyTorch eager"]
         for check in self.checks:
-            lines.append(f"check (threads {check.threads}, batch {check.batch}): one step from "
+            lines.append(f"check (threads {check.threads}, {check.batch} images): one step from "
                          f"the same weights, loss {check.cnnc_loss:.6g} (cnnc) and "
                          f"{check.torch_loss:.6g} (torch), {check.parameters} parameters "
                          f"agree after it (max abs difference {check.max_abs:.2g})")
@@ -306,7 +307,8 @@ def _measure(graph: Graph, batch: int, threads: int, lr: float,
     runners = _start(graph, batch, threads, lr, samples, in_process)
     say(f"{where}: started cnnc and torch ({time.perf_counter() - started:.1f} s)")
     try:
-        check = check_step(graph, batch, threads, runners["cnnc"].ask("check"),
+        check = check_step(graph, min(batch, CHECK_IMAGES), threads,
+                           runners["cnnc"].ask("check"),
                            runners["torch"].ask("check"))
         report.checks.append(check)
         say(f"{where}: cnnc and torch agree after one step")
