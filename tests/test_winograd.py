@@ -4,6 +4,7 @@ the schedule field as files give it, the heuristic's choice and the tuner's sear
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import warnings
 from collections.abc import Callable
@@ -22,6 +23,21 @@ from cnnc.target import CpuIsa
 from cnnc.tools.tune import candidates
 
 ZOO = EXAMPLES / "zoo"
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The zoo's models with weights made by examples/zoo/make_weights.py (PyTorch), which
+    the repository does not ship, in a directory of this module's own."""
+    pytest.importorskip("torch", reason="the zoo's weights come from PyTorch")
+    spec = importlib.util.spec_from_file_location("zoo_make_weights", ZOO / "make_weights.py")
+    assert spec is not None and spec.loader is not None
+    make_weights = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_weights)
+    directory = tmp_path_factory.mktemp("zoo")
+    for name in ("vgg_bn", "resnet8"):
+        make_weights.write(name, directory)
+    return directory
 LAYOUT_OF_BATCH = {1: "channel", 17: "batch"}
 
 
@@ -117,8 +133,9 @@ layers:
 @pytest.mark.parametrize("tile", [2, 4])
 @pytest.mark.parametrize("batch", [1, 17])
 @pytest.mark.parametrize("name", ["vgg_bn", "resnet8"])
-def test_zoo_models_by_winograd_match_the_reference(name: str, batch: int, tile: int) -> None:
-    graph = cnnc.load(ZOO / f"{name}.yaml")
+def test_zoo_models_by_winograd_match_the_reference(zoo: Path, name: str, batch: int,
+                                                    tile: int) -> None:
+    graph = cnnc.load(zoo / f"{name}.yaml")
     # vgg_bn: all six convolutions; resnet8: four (`test_what_winograd_does_not_compute...`).
     check(graph, batch, tile, kernels=6 if name == "vgg_bn" else 4)
 
@@ -139,10 +156,10 @@ def test_winograd_on_cuda_sim(case: str) -> None:
     check(cnnc.load(GOLDEN / f"{case}.yaml"), 17, 2, target="cuda-sim")
 
 
-def test_a_schedule_file_sets_winograd_for_one_kernel(tmp_path: Path) -> None:
+def test_a_schedule_file_sets_winograd_for_one_kernel(zoo: Path, tmp_path: Path) -> None:
     path = tmp_path / "s.json"
     path.write_text(json.dumps({"conv2d_relu_4": {"winograd": 2, "oc_block": 2}}))
-    model = cnnc.compile(ZOO / "vgg_bn.yaml", layout="batch", schedule=path)
+    model = cnnc.compile(zoo / "vgg_bn.yaml", layout="batch", schedule=path)
     tiles = winograd_tiles(model)
     assert tiles["conv2d_relu_4"] == 2
     assert sum(tiles.values()) == 2
@@ -158,19 +175,20 @@ def test_a_schedule_file_sets_winograd_for_one_kernel(tmp_path: Path) -> None:
      "(Winograd computes only a 3x3 stride-1 undilated ungrouped conv2d, whose fused pooling "
      "window, if any, tiles its output), got 2"),
 ])
-def test_a_bad_winograd_field_is_one_error_line(tmp_path: Path, fields: dict[str, object],
+def test_a_bad_winograd_field_is_one_error_line(zoo: Path, tmp_path: Path,
+                                                 fields: dict[str, object],
                                                  message: str) -> None:
     path = tmp_path / "s.json"
     path.write_text(json.dumps(fields))
     with pytest.raises(ScheduleError) as error:
-        cnnc.compile(ZOO / "vgg_bn.yaml", schedule=path)
+        cnnc.compile(zoo / "vgg_bn.yaml", schedule=path)
     assert str(error.value).replace(str(tmp_path) + "/", "") == message
 
 
-def test_what_winograd_does_not_compute_stays_direct() -> None:
+def test_what_winograd_does_not_compute_stays_direct(zoo: Path) -> None:
     # The stride-2 and 1x1 convolutions, the dense layer, and the last block's convolution
     # fused with the global pooling (a window of the whole image does not tile a tile).
-    model = cnnc.compile(ZOO / "resnet8.yaml", schedule={"*": {"winograd": 4}})
+    model = cnnc.compile(zoo / "resnet8.yaml", schedule={"*": {"winograd": 4}})
     assert winograd_tiles(model) == {
         "conv2d_relu_0": 4, "conv2d_relu_1": 4, "conv2d_add_relu_2": 4, "conv2d_relu_3": 0,
         "conv2d_4": 0, "conv2d_add_relu_5": 4, "conv2d_relu_6": 0, "conv2d_7": 0,
@@ -187,24 +205,24 @@ def test_what_winograd_does_not_compute_stays_direct() -> None:
                                 "conv2d_relu_4": (2, 2), "conv2d_relu_maxpool2d_5": (2, 2)}),
     ("batch", CpuIsa(16, 32), {}),  # measured slower in every kernel of the batch layout
 ])
-def test_the_heuristic_picks_winograd_from_the_target(layout: str, isa: CpuIsa,
+def test_the_heuristic_picks_winograd_from_the_target(zoo: Path, layout: str, isa: CpuIsa,
                                                       expected: dict[str, tuple[int, int]]
                                                       ) -> None:
-    graph = run_pipeline(cnnc.load(ZOO / "vgg_bn.yaml"), Options(layout=layout, cpu=isa))
+    graph = run_pipeline(cnnc.load(zoo / "vgg_bn.yaml"), Options(layout=layout, cpu=isa))
     picked = {group.name: (group.schedule.winograd, group.schedule.oc_block)
               for group in graph.plan.groups if group.schedule.winograd}
     assert picked == expected
 
 
-def test_the_heuristic_keeps_gpu_kernels_direct() -> None:
-    graph = run_pipeline(cnnc.load(ZOO / "vgg_bn.yaml"), Options(target="cuda-sim"))
+def test_the_heuristic_keeps_gpu_kernels_direct(zoo: Path) -> None:
+    graph = run_pipeline(cnnc.load(zoo / "vgg_bn.yaml"), Options(target="cuda-sim"))
     assert all(group.schedule.winograd == 0 for group in graph.plan.groups)
 
 
-def test_tune_tries_winograd_only_where_it_applies() -> None:
+def test_tune_tries_winograd_only_where_it_applies(zoo: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = cnnc.compile(ZOO / "vgg_bn.yaml", layout="channel", threads=1)
+        model = cnnc.compile(zoo / "vgg_bn.yaml", layout="channel", threads=1)
     conv = list(candidates(model, "channel", 1, seed=0))  # type: ignore[arg-type]
     assert {schedule["winograd"] for schedule in conv} == {0, 2, 4}
     dense = list(candidates(model, "channel", 6, seed=0))  # type: ignore[arg-type]

@@ -35,7 +35,7 @@ from cnnc.lower import winograd
 from cnnc.lower.anchors import PRODUCERS
 from cnnc.lower.context import KernelContext, guarded, in_range, pairs
 from cnnc.lower.standalone import KERNELS
-from cnnc.passes.tile import pool_factor
+from cnnc.passes.tile import is_pointwise_conv, pool_factor
 
 
 def build(ctx: KernelContext) -> Kernel:
@@ -80,9 +80,25 @@ def pointwise(ctx: KernelContext) -> list[Stmt]:
     extents = list(out_shape[1:])
     if extents:
         extents[-1] //= across
+    if _points_outside(ctx):
+        body = [For("cb", steps // block, body, role="channel")]
+        for name, extent in reversed(list(zip(names, extents))):
+            body = [For(name, extent, body, role="spatial")]
+        return body
     for name, extent in reversed(list(zip(names, extents))):
         body = [For(name, extent, body, role="spatial")]
     return [For("cb", steps // block, body, role="channel")]
+
+
+def _points_outside(ctx: KernelContext) -> bool:
+    """A 1x1 convolution in the batch layout loops over points outside its channel blocks:
+    a point's input (every input channel of a block's images, a few KB) then stays in L1
+    while every block of output channels reads it, instead of the whole image block's input
+    (MBs, past L2) being read again for each (measured: NiN's 1x1 layers at batch 64 ran at
+    15-20 % of the peak with the channel blocks outside)."""
+    layout, group = ctx.layout, ctx.group
+    return (layout.kind == "batch" and layout.images_per_block > 1
+            and group.window is None and is_pointwise_conv(ctx.graph, group.producer))
 
 
 def winograd_points(ctx: KernelContext, channels: list[Expr], m: int) -> list[Stmt]:
