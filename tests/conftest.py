@@ -1,5 +1,6 @@
 """Shared helpers: where the golden cases and examples live, writing a model file, running one
-op through the reference, and running the real `cnnc` command."""
+op through the reference, running the real `cnnc` command, and the graphs and comparison the
+training tests share."""
 
 from __future__ import annotations
 
@@ -85,3 +86,47 @@ def run_cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedP
         [sys.executable, "-m", "cnnc.cli", *map(str, args)],
         capture_output=True, text=True, cwd=cwd, timeout=120, check=False,
     )
+
+
+# --- training tests ---------------------------------------------------------------------------
+
+Layer = tuple[str, str, list[str], dict[str, Any]]  # (name, op, operands, attributes)
+
+# A small LeNet for 8x8 digits: every window op, three activations, both anchors.
+LENET_8X8: list[Layer] = [
+    ("c1", "conv2d", ["input"], {"out_channels": 6, "kernel_size": 3, "padding": 1}),
+    ("s1", "sigmoid", ["c1"], {}),
+    ("p1", "avgpool2d", ["s1"], {"kernel_size": 2}),
+    ("c2", "conv2d", ["p1"], {"out_channels": 8, "kernel_size": 3}),
+    ("r2", "relu", ["c2"], {}),
+    ("p2", "maxpool2d", ["r2"], {"kernel_size": 2, "ceil_mode": True}),
+    ("f", "flatten", ["p2"], {}),
+    ("d1", "dense", ["f"], {"units": 16}),
+    ("t1", "tanh", ["d1"], {}),
+    ("d2", "dense", ["t1"], {"units": 10}),
+]
+
+
+def build_graph(input_shape: tuple[int, ...], layers: list[Layer], seed: int = 0) -> cnnc.Graph:
+    """A graph of `layers` with parameters drawn from `seed`; its last layer is the output."""
+    rng = np.random.default_rng(seed)
+    graph = cnnc.Graph("test", input_shape)
+    for name, op, inputs, raw in layers:
+        spec = ops.OPS[op]
+        attrs = spec.check_attrs(raw)
+        shapes = spec.param_shapes(attrs, [graph.shape(operand) for operand in inputs])
+        params = {key: rng.normal(0, 0.5, shape).astype(np.float32)
+                  for key, shape in shapes.items()}
+        if "running_var" in params:
+            params["running_var"] = rng.uniform(0.5, 2, shapes["running_var"]).astype(np.float32)
+        graph.add(name, op, inputs, attrs, params)
+    graph.outputs = [layers[-1][0]]
+    return graph
+
+
+def agree(got: np.ndarray, want: np.ndarray, name: str) -> None:
+    """got equals want at rtol=1e-4, atol=1e-5 (`cnnc.compare`), or the test fails."""
+    from cnnc.compare import check_output
+
+    check = check_output(name, got, want)
+    assert check.ok, check.describe()

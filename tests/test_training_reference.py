@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import LENET_8X8, Layer
+from conftest import build_graph as build
 from numpy.testing import assert_allclose
 
 import cnnc
@@ -23,21 +25,6 @@ from cnnc.reference_backward import ReferenceTrainer, loss_and_gradient, referen
 
 torch = pytest.importorskip("torch")
 
-Layer = tuple[str, str, list[str], dict[str, Any]]
-
-# A small LeNet for 8x8 digits: every window op, three activations, both anchors.
-LENET_8X8: list[Layer] = [
-    ("c1", "conv2d", ["input"], {"out_channels": 6, "kernel_size": 3, "padding": 1}),
-    ("s1", "sigmoid", ["c1"], {}),
-    ("p1", "avgpool2d", ["s1"], {"kernel_size": 2}),
-    ("c2", "conv2d", ["p1"], {"out_channels": 8, "kernel_size": 3}),
-    ("r2", "relu", ["c2"], {}),
-    ("p2", "maxpool2d", ["r2"], {"kernel_size": 2, "ceil_mode": True}),
-    ("f", "flatten", ["p2"], {}),
-    ("d1", "dense", ["f"], {"units": 16}),
-    ("t1", "tanh", ["d1"], {}),
-    ("d2", "dense", ["t1"], {"units": 10}),
-]
 # Branches that join again, a value read twice, and batch norm.
 BRANCHES: list[Layer] = [
     ("c1", "conv2d", ["input"], {"out_channels": 4, "kernel_size": 3, "padding": 1}),
@@ -51,23 +38,6 @@ BRANCHES: list[Layer] = [
     ("d", "dense", ["f"], {"units": 5}),
     ("sm", "softmax", ["d"], {}),
 ]
-
-
-def build(input_shape: tuple[int, ...], layers: list[Layer], seed: int = 0) -> cnnc.Graph:
-    """A graph of `layers` with parameters drawn from `seed`; its last layer is the output."""
-    rng = np.random.default_rng(seed)
-    graph = cnnc.Graph("test", input_shape)
-    for name, op, inputs, raw in layers:
-        spec = ops.OPS[op]
-        attrs = spec.check_attrs(raw)
-        shapes = spec.param_shapes(attrs, [graph.shape(operand) for operand in inputs])
-        params = {key: rng.normal(0, 0.5, shape).astype(np.float32)
-                  for key, shape in shapes.items()}
-        if "running_var" in params:
-            params["running_var"] = rng.uniform(0.5, 2, shapes["running_var"]).astype(np.float32)
-        graph.add(name, op, inputs, attrs, params)
-    graph.outputs = [layers[-1][0]]
-    return graph
 
 
 def torch_run(graph: cnnc.Graph, weights: dict[str, Any], x: Any, training: bool) -> Any:

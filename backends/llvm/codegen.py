@@ -105,15 +105,17 @@ class ModuleBuilder:
         variable.align = 64
         return variable.bitcast(F32_PTR)
 
-    def add_run_blocks(self, name: str, launches: list[tuple[str, list[PointerOf]]]
-                       ) -> ir.Function:
+    def add_run_blocks(self, name: str, launches: list[tuple[str, list[PointerOf]]],
+                       profiled: bool = True) -> ir.Function:
         """`name(x, y, batch, first, end, arena)`: every kernel, block by block; and, for
-        profiling, `name_kernel(which, x, y, batch, first, end, arena)`: kernel `which` alone.
+        profiling (unless not `profiled`), `name_kernel(which, x, y, batch, first, end,
+        arena)`: kernel `which` alone.
 
         `launches` pairs each kernel's symbol with one function per argument that computes
-        its pointer from the entry's arguments (`x`, `y`, `arena`)."""
+        its pointer from the entry's arguments (`x`, `y`, `arena`) and the `block`."""
         function = self._block_loop(name, launches, None)
-        self._block_loop(f"{name}_kernel", launches, I64)
+        if profiled:
+            self._block_loop(f"{name}_kernel", launches, I64)
         return function
 
     def add_stage(self, name: str, launches: list[tuple[str, list[PointerOf]]]) -> ir.Function:
@@ -142,7 +144,7 @@ class ModuleBuilder:
         builder.cbranch(builder.icmp_signed("<", block, args["end"]), body, done)
         builder.position_at_end(body)
         for index, (symbol, pointers) in enumerate(launches):
-            values = [pointer(builder, args) for pointer in pointers]
+            values = [pointer(builder, {**args, "block": block}) for pointer in pointers]
             if selector is None:
                 builder.call(self.functions[symbol], [*values, block, args["batch"]])
                 continue

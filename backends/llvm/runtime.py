@@ -312,23 +312,19 @@ class ThreadPool:
         """Run blocks [0, blocks) of `runner` over the threads, participant p with the arena
         whose address is arenas[p]; the first non-zero status or 0, None if the pool is busy.
         x and y are read from their slots as for `cnnc_call`."""
-        if not self._lock.acquire(blocking=False):
-            return None
-        try:
-            if not self._workers:
-                self._start()
-            if self._sleepers.count:
-                with self._sleepers.wake:
-                    self._sleepers.wake.notify_all()
-            return int(self._native.pool_call(self._address, runner, x_slot, y_slot, batch,
-                                              blocks, arenas))
-        finally:
-            self._lock.release()
+        return self._held(self._native.pool_call, runner, x_slot, y_slot, batch, blocks,
+                          arenas)
 
     def try_sequence(self, table: int, count: int, x_slot: int, y_slot: int, batch: int,
                      arenas: int) -> int | None:
         """`try_call` for each of `count` stages in turn, in one native call: stage i is
         runner table[2i] over table[2i + 1] blocks (a training step)."""
+        return self._held(self._native.pool_sequence, table, count, x_slot, y_slot, batch,
+                          arenas)
+
+    def _held(self, native: Callable[..., int], *arguments: int) -> int | None:
+        """`native(control, *arguments)` with the pool held and its workers awake; None,
+        without waiting, when another call holds the pool."""
         if not self._lock.acquire(blocking=False):
             return None
         try:
@@ -337,8 +333,7 @@ class ThreadPool:
             if self._sleepers.count:
                 with self._sleepers.wake:
                     self._sleepers.wake.notify_all()
-            return int(self._native.pool_sequence(self._address, table, count, x_slot, y_slot,
-                                                  batch, arenas))
+            return int(native(self._address, *arguments))
         finally:
             self._lock.release()
 

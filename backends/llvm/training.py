@@ -15,13 +15,11 @@ from llvmlite import ir
 
 from cnnc import cache
 from cnnc.backends.llvm import jit, runtime
-from cnnc.backends.llvm.codegen import RUN_BLOCKS_ARGS, ModuleBuilder
-from cnnc.backends.llvm.vectors import I32, I64
+from cnnc.backends.llvm.codegen import ModuleBuilder, PointerOf
+from cnnc.backends.llvm.vectors import I64
 from cnnc.errors import CompileError
 from cnnc.training.program import Place, Stage, TrainingProgram
 from cnnc.version import __version__
-
-_STAGE_ARGS = ("x", "y", "batch", "first", "end", "arena")
 
 
 class LlvmTrainingCode:
@@ -74,40 +72,23 @@ class LlvmTrainingCode:
         self._slots = np.zeros(2, np.int64)
 
     def _add_stage(self, builder: ModuleBuilder, stage: Stage) -> None:
+        """The stage's runner: its kernels for each block or item, with pointers into the
+        store (`y`) or the user's images (`x`)."""
         program = self.program
-        function = ir.Function(builder.module, ir.FunctionType(I32, RUN_BLOCKS_ARGS),
-                               name=self.symbols[id(stage)])
-        args = dict(zip(_STAGE_ARGS, function.args))
-        for name, argument in args.items():
-            argument.name = name
-        entry = ir.IRBuilder(function.append_basic_block("entry"))
-        counter = entry.alloca(I64, name="item.ptr")
-        entry.store(args["first"], counter)
-        header = function.append_basic_block("items")
-        body = function.append_basic_block("item")
-        done = function.append_basic_block("done")
-        entry.branch(header)
-        b = ir.IRBuilder(header)
-        item = b.load(counter, name="item")
-        b.cbranch(b.icmp_signed("<", item, args["end"]), body, done)
-        b.position_at_end(body)
-        block_base = b.add(b.mul(item, ir.Constant(I64, program.block_floats)),
-                           ir.Constant(I64, program.global_floats))
 
-        def pointer(place: Place) -> ir.Value:
+        def pointer(place: Place) -> PointerOf:
             if place.region == "input":
-                return args["x"]
+                return lambda b, args: args["x"]
             if place.region == "global":
-                return b.gep(args["y"], [ir.Constant(I64, place.offset)])
-            return b.gep(args["y"], [b.add(block_base, ir.Constant(I64, place.offset))])
+                return lambda b, args: b.gep(args["y"], [ir.Constant(I64, place.offset)])
+            return lambda b, args: b.gep(args["y"], [b.add(b.mul(args["block"], ir.Constant(
+                I64, program.block_floats)), ir.Constant(I64, program.global_floats
+                                                         + place.offset))])
 
-        for launch in stage.launches:
-            values = [pointer(launch.places[buffer.name]) for buffer in launch.kernel.arguments]
-            b.call(builder.functions[launch.kernel.name], [*values, item, args["batch"]])
-        b.store(b.add(item, ir.Constant(I64, 1)), counter)
-        b.branch(header)
-        b.position_at_end(done)
-        b.ret(ir.Constant(I32, 0))
+        builder.add_run_blocks(self.symbols[id(stage)], [
+            (launch.kernel.name, [pointer(launch.places[buffer.name])
+                                  for buffer in launch.kernel.arguments])
+            for launch in stage.launches], profiled=False)
 
     def set_store(self, store: np.ndarray) -> None:
         """Point the code at `store` (the caller keeps it alive)."""

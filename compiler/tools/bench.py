@@ -37,13 +37,12 @@ class Disagrees(Exception):
     """An engine's output differs from the reference's; the message says where, in one line."""
 
 
-@dataclass
-class Result:
-    engine: str
+class RoundTimes:
+    """What a timed engine's rounds give (the inference bench's and the training bench's
+    results): the median, images/s and the spread, from `seconds` per round of `batch`."""
+
     batch: int
-    threads: int
-    seconds: list[float] = field(default_factory=list)  # per call, one entry per round
-    max_error: float = 0.0
+    seconds: list[float]
 
     @property
     def median(self) -> float:
@@ -59,10 +58,19 @@ class Result:
         return (max(self.seconds) - min(self.seconds)) / self.median
 
     def as_dict(self) -> dict[str, Any]:
-        record = asdict(self)
+        record = asdict(self)  # type: ignore[call-overload]
         record.update(median_seconds=self.median, images_per_second=self.images_per_second,
                       spread=self.spread)
         return record
+
+
+@dataclass
+class Result(RoundTimes):
+    engine: str
+    batch: int
+    threads: int
+    seconds: list[float] = field(default_factory=list)  # per call, one entry per round
+    max_error: float = 0.0
 
 
 @dataclass

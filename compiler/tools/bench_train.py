@@ -12,7 +12,6 @@ gradients, weight gradients), the usual convention.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,7 +22,13 @@ import numpy as np
 
 from cnnc.compare import ATOL, RTOL, check_output
 from cnnc.graph import Graph
-from cnnc.tools.bench import ANSWER_SECONDS, SETTLE_SECONDS, START_SECONDS, _format_seconds
+from cnnc.tools.bench import (
+    ANSWER_SECONDS,
+    SETTLE_SECONDS,
+    START_SECONDS,
+    RoundTimes,
+    _format_seconds,
+)
 from cnnc.tools.engines import EngineUnavailable
 from cnnc.tools.train_engines import (
     CHECK_IMAGES,
@@ -91,7 +96,7 @@ Runner = LocalRunner | ProcessRunner
 
 
 @dataclass
-class TrainResult:
+class TrainResult(RoundTimes):
     engine: str
     threads: int
     batch: int
@@ -100,24 +105,6 @@ class TrainResult:
     base_rss_bytes: int = 0  # the process's peak RSS after importing the engine's package
     peak_rss_bytes: int = 0  # its peak RSS after the timed rounds
     peak_share: float = 0.0  # of threads x the measured per-core fp32 peak
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.seconds)
-
-    @property
-    def images_per_second(self) -> float:
-        return self.batch / self.median
-
-    @property
-    def spread(self) -> float:
-        return (max(self.seconds) - min(self.seconds)) / self.median
-
-    def as_dict(self) -> dict[str, Any]:
-        record = asdict(self)
-        record.update(median_seconds=self.median, images_per_second=self.images_per_second,
-                      spread=self.spread)
-        return record
 
 
 @dataclass

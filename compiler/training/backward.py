@@ -10,6 +10,7 @@ every block's size is known.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -87,11 +88,12 @@ def backward(plan: Builder, output: str, grad_output: int
         elif gx is None:
             continue
         elif op in ("avgpool2d", "maxpool2d", "global_avgpool2d"):
-            then = _fusable_activation(graph, name, source, needs)
-            if then is not None:  # the activation's rule goes into this kernel
+            then = None
+            if _fusable_activation(graph, name, source, needs):
+                # the activation's rule goes into this kernel, which then gives its input's
+                # gradient
                 contributions[source].remove(gx)
-                activation_input = graph.operands(source)[0]
-                contributions.setdefault(activation_input, []).append(gx)
+                contributions.setdefault(graph.operands(source)[0], []).append(gx)
                 rule = ops.OPS[graph.op(source)].gradient
                 assert rule is not None and rule.lower is not None
                 then = (rule.lower, graph.attrs(source))
@@ -133,7 +135,8 @@ def _as_forward(plan: Builder, name: str, op: str, attrs: dict, in_shape: tuple[
 
 
 def _batchnorm(plan: Builder, name: str, shape: tuple[int, ...], x_offset: int, grad: int,
-               places: dict[str, Place], grads_of) -> list[Launch | WholeBatch]:  # type: ignore[no-untyped-def]
+               places: dict[str, Place], grads_of: Callable[[str], Place]
+               ) -> list[Launch | WholeBatch]:
     """The sums of g and g * x^ over the batch (the bias's and the weight's gradients) in a
     whole-batch stage, then x's gradient per block."""
     width = plan.width
@@ -154,8 +157,7 @@ def _batchnorm(plan: Builder, name: str, shape: tuple[int, ...], x_offset: int, 
     return items
 
 
-def _fusable_activation(graph: Graph, pool: str, source: str, needs: set[str]
-                        ) -> tuple | None:  # type: ignore[type-arg]
+def _fusable_activation(graph: Graph, pool: str, source: str, needs: set[str]) -> bool:
     """Whether the pool's input is an activation whose backward rule can run inside the
     pool's: read only by the pool, a rule that needs only its output, and windows that tile
     the input exactly (each point in one window, so each gradient is stored once)."""
@@ -164,21 +166,20 @@ def _fusable_activation(graph: Graph, pool: str, source: str, needs: set[str]
             or graph.op(source) in ("batchnorm2d", "dropout", "identity")
             or graph.users(source) != [pool] or graph.operands(source)[0] not in needs
             or reads_input(graph.op(source), graph.attrs(source))):
-        return None
+        return False
     if graph.op(pool) == "global_avgpool2d":
-        return ()
+        return True
     attrs = graph.attrs(pool)
     (kh, kw), (sh, sw) = attrs["kernel_size"], attrs["stride"]
     _, height, width = graph.shape(source)
     _, out_h, out_w = graph.shape(pool)
-    exact = (kh, kw) == (sh, sw) and attrs["padding"] == ((0, 0), (0, 0)) and \
+    return (kh, kw) == (sh, sw) and attrs["padding"] == ((0, 0), (0, 0)) and \
         (out_h * kh, out_w * kw) == (height, width)
-    return () if exact else None
 
 
 def _pool(name: str, layer: str, graph: Graph, in_shape: tuple[int, ...],
-          shape: tuple[int, ...], width: int, then: tuple | None = None  # type: ignore[type-arg]
-          ) -> Kernel:
+          shape: tuple[int, ...], width: int,
+          then: tuple[kernels.PointRule, dict] | None = None) -> Kernel:
     op = graph.op(layer)
     attrs = dict(graph.attrs(layer))
     divisors: np.ndarray | None = None
@@ -193,7 +194,8 @@ def _pool(name: str, layer: str, graph: Graph, in_shape: tuple[int, ...],
 
 def _weight_job(kernel_name: str, layer: str, graph: Graph, shape: tuple[int, ...],
                 has_bias: bool, width: int, x_offset: int, g_offset: int,
-                places: dict[str, Place]):  # type: ignore[no-untyped-def]
+                places: dict[str, Place]
+                ) -> Callable[[int, int], tuple[Kernel, int, dict[str, Place]]]:
     """The whole-batch kernel of a conv's or dense layer's weight (and bias) gradient."""
     def make(blocks: int, block_floats: int) -> tuple[Kernel, int, dict[str, Place]]:
         if graph.op(layer) == "dense":

@@ -38,6 +38,7 @@ from cnnc.kernel import (
     maximum,
     walk,
 )
+from cnnc.lower.context import in_range
 from cnnc.lower.standalone import log_of_sum
 
 LANE = "lane"  # the name of a lane loop's variable (`cnnc.layouts`)
@@ -53,10 +54,6 @@ def lanes(width: int, body: list[Stmt]) -> For:
 def at(point: Expr, width: int) -> Expr:
     """Where a point of a per-block tensor is: its images side by side."""
     return point * width + Var(LANE)
-
-
-def in_range(coord: Expr, size: int) -> Expr:
-    return Bin("and", less(Const(-1), coord), less(coord, size))
 
 
 def _points(name: str, count: int, width: int, body: list[Stmt]) -> list[Stmt]:
@@ -140,18 +137,6 @@ def sum_kernel(name: str, layer: str, floats: int, width: int, count: int) -> Ke
     buffers.append(Buffer("gx", floats * width, "output"))
     return Kernel(name, [layer], buffers, _points(p.name, floats, width,
                                                   [Store("gx", index, total)]))
-
-
-def dense_input_backward(name: str, layer: str, weight: np.ndarray, width: int) -> Kernel:
-    """gx[i] = sum over units o of W[o, i] g[o]."""
-    units, features = weight.shape
-    i, o = Var("i"), Var("o")
-    body: list[Stmt] = [Declare("acc", Const(0.0)), For(o.name, units, [
-        Assign("acc", Local("acc") + Load("w", o * features + i) * Load("g", at(o, width)))],
-        role="reduce"), Store("gx", at(i, width), Local("acc"))]
-    buffers = [Buffer("w", weight.size, "param", weight.ravel(), param_of=f"{layer}.weight"),
-               Buffer("g", units * width, "input"), Buffer("gx", features * width, "output")]
-    return Kernel(name, [layer], buffers, _points(i.name, features, width, body))
 
 
 def conv_input_backward(name: str, layer: str, attrs: dict, in_shape: tuple[int, ...],

@@ -342,8 +342,8 @@ def build(graph: Graph, loss: str, optimizer: object, batch_size: int) -> Traini
     plan.valid_offset = plan.block.take(width)
     training_forward = plan.forward(training=True)
     evaluate = plan.forward(training=False)
-    _check_params_bound(forward, [item for item in training_forward + evaluate
-                                  if isinstance(item, Launch)], plan.trained)
+    _check_params_bound([item for item in training_forward + evaluate
+                         if isinstance(item, Launch)], plan.params, plan.trained)
 
     target_offset = plan.block.take(classes * width)
     weight_offset = plan.block.take(width)
@@ -403,12 +403,14 @@ def _stages(items: list[Launch | WholeBatch], plan: Builder, block_floats: int,
     return stages
 
 
-def _check_params_bound(graph: Graph, launches: list[Launch], trained: list[str]) -> None:
-    read = {buffer.param_of for launch in launches for buffer in launch.kernel.buffers
-            if buffer.param_of}
-    read |= {f"{launch.kernel.layers[0]}.{name}" for launch in launches
-             for name in ("weight", "bias") if launch.kernel.name.startswith("bn")}
-    missing = sorted(set(trained) - read)
+def _check_params_bound(launches: list[Launch], params: dict[str, tuple[int, tuple[int, ...]]],
+                        trained: list[str]) -> None:
+    """ModelError unless the forward kernels read every trained parameter where it lives: a
+    lowering that packed or folded one would train a copy nobody reads."""
+    read = {offset for launch in launches for offset in launch.params.values()}
+    read |= {place.offset for launch in launches for place in launch.places.values()
+             if place.region == "global"}
+    missing = sorted(key for key in trained if params[key][0] not in read)
     if missing:
         raise ModelError(f"cnnc cannot train parameters {', '.join(missing)} yet: the "
                          "forward kernels do not read them as they are")

@@ -176,43 +176,39 @@ class Trainer:
                 raise InputError(f"layer '{layer}' (batchnorm2d) needs more than one value "
                                  "per channel in a training batch")
         program = self.program
-        width = program.width
-        blocks = ceil_div(count, width)
-        padded = np.zeros((blocks * width, program.classes), np.float32)
-        padded[:count] = targets
-        self._block_view(program.target_offset, program.classes, blocks)[...] = \
-            padded.reshape(blocks, width, program.classes).transpose(0, 2, 1)
         scale = (1.0 / count if self.loss_name == "cross_entropy"
                  else 1.0 / (count * program.classes)) if self.reduction == "mean" else 1.0
-        weights = np.zeros(blocks * width, np.float32)
-        weights[:count] = scale
-        self._block_view(program.weight_offset, 1, blocks)[...] = weights.reshape(blocks, 1,
-                                                                                  width)
-        valid = np.zeros(blocks * width, np.float32)
-        valid[:count] = 1.0
-        self._block_view(program.valid_offset, 1, blocks)[...] = valid.reshape(blocks, 1, width)
+        self._write_images(program.target_offset, targets)
+        self._write_images(program.weight_offset, np.full((count, 1), scale, np.float32))
+        self._write_images(program.valid_offset, np.ones((count, 1), np.float32))
         if program.masks:
-            self._write_masks(count, blocks)
+            self._write_masks(count)
         self.steps += 1
         self._hyper(count)
         self.code.run(program.step, images, count)
+        blocks = ceil_div(count, program.width)
         losses = self._block_view(program.loss_offset, 1, blocks).reshape(-1)[:count]
         return float(losses.astype(np.float64).sum())
 
-    def _write_masks(self, count: int, blocks: int) -> None:
+    def _write_images(self, offset: int, rows: np.ndarray) -> None:
+        """Per-image values (count, floats) into the tensor at `offset` of every block, in
+        the blocks' layout (the images of a block side by side); lanes past the batch get 0."""
+        width = self.program.width
+        count, floats = rows.shape
+        blocks = ceil_div(count, width)
+        padded = np.zeros((blocks * width, floats), np.float32)
+        padded[:count] = rows
+        self._block_view(offset, floats, blocks)[...] = \
+            padded.reshape(blocks, width, floats).transpose(0, 2, 1)
+
+    def _write_masks(self, count: int) -> None:
         """Step k's dropout masks (from the seed and k, as the reference trainer draws them),
         in the blocks' layout."""
         from cnnc.dropout import dropout_masks
 
-        width = self.program.width
         masks = dropout_masks(self.graph, self.seed, self.steps, count)
-        for layer in self.program.masks:  # a dropout layer the output needs
-            mask = masks[layer]
-            flat = mask.reshape(count, -1)
-            padded = np.zeros((blocks * width, flat.shape[1]), np.float32)
-            padded[:count] = flat
-            self._block_view(self.program.masks[layer], flat.shape[1], blocks)[...] = \
-                padded.reshape(blocks, width, -1).transpose(0, 2, 1)
+        for layer, offset in self.program.masks.items():  # the dropout layers the output needs
+            self._write_images(offset, masks[layer].reshape(count, -1))
 
     def _hyper(self, count: int) -> None:
         from cnnc.optim import Adam
