@@ -89,6 +89,10 @@ class EpochLog:
               help="The seed of --init and of each epoch's shuffle.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads a step is split across.  [default: all cores]")
+@click.option("--target", type=click.Choice(["llvm", "cuda", "cuda-sim"]), default="llvm",
+              show_default=True,
+              help="llvm: the host CPU; cuda: an NVIDIA GPU; cuda-sim: the same CUDA C run on "
+                   "the CPU (slow: for checking the generated code).")
 @click.option("--output", "-o", "output_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the trained weights here, an .npz file for `weights:` in the YAML.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -99,7 +103,8 @@ class EpochLog:
 def train(model: Path, data_spec: str, test_fraction: float | None, epochs: int,
           batch_size: int, lr: float | None, optimizer: str, momentum: float | None,
           weight_decay: float, loss: str, init: str | None, seed: int, threads: int | None,
-          output_path: Path | None, plot_path: Path | None, json_path: Path | None) -> None:
+          target: str, output_path: Path | None, plot_path: Path | None,
+          json_path: Path | None) -> None:
     """Train MODEL on a data set with the compiled training step, printing a line per epoch
     (mean loss, train and test accuracy, images/s) under a progress bar.
 
@@ -114,17 +119,22 @@ def train(model: Path, data_spec: str, test_fraction: float | None, epochs: int,
     if plot_path is not None:
         _check_plot(plot_path)
     chosen_optimizer = _optimizer(optimizer, lr, momentum, weight_decay)
+    if threads is not None and target != "llvm":
+        raise Failure(f"--threads applies to --target llvm; {target} runs a step on the "
+                      f"{'GPU' if target == 'cuda' else 'simulated GPU'}")
     graph = load(model)
     (x, y), test, origin = load_data(data_spec, test_fraction)
     x, y = _prepared(graph, x, y, loss, "the training")
     if test is not None:
         test = _prepared(graph, *test, loss, "the test")
     trainer = compile_training(graph, loss=loss, optimizer=chosen_optimizer,
-                               batch_size=batch_size, threads=threads, init=init, seed=seed)
+                               batch_size=batch_size, threads=threads, init=init, seed=seed,
+                               target=target)
     tested = f" and {len(test[0]):,} test" if test is not None else ""
+    where = (f"{trainer.threads} thread{'s' * (trainer.threads != 1)}" if target == "llvm"
+             else f"target {target}")
     click.echo(f"training {graph.name} on {origin}: {len(x):,} training{tested} images, "
-               f"batch {batch_size}, {optimizer} lr {chosen_optimizer.lr:g}, "
-               f"{trainer.threads} thread{'s' * (trainer.threads != 1)}")
+               f"batch {batch_size}, {optimizer} lr {chosen_optimizer.lr:g}, {where}")
     history = trainer.fit(x, y, epochs, validation=test, seed=seed,
                           log=EpochLog(bar=sys.stderr.isatty()))
     if output_path is not None:

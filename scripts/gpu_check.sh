@@ -36,7 +36,7 @@ fi
 
 status=0
 echo "== python -m pytest -m gpu"
-"$python" -m pytest -q -m gpu tests/test_cuda_gpu.py || status=1
+"$python" -m pytest -q -m gpu tests/test_cuda_gpu.py tests/test_training_cuda.py || status=1
 echo "== cnnc bench examples/lenet.yaml --target cuda --against torch-cuda"
 "$python" -m cnnc.cli bench examples/lenet.yaml --target cuda --against torch-cuda \
     --batch 1,256,4096 --threads 1 --rounds 5 || status=1

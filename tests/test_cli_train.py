@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
-from conftest import run_cli
+from conftest import agree, run_cli
 from numpy.testing import assert_allclose, assert_array_equal
 
 import cnnc
@@ -96,6 +96,22 @@ def test_train_on_digits_prints_a_line_per_epoch_and_writes_what_it_is_asked(
     x_test = test[0]
     (check,) = check_outputs(cnnc.reference(graph, x_test), trainer.scores(x_test))
     assert check.ok, check
+
+
+def test_cuda_sim_trains_as_the_cpu_does(model: Path, tmp_path: Path) -> None:
+    """`--target cuda-sim` runs the same program as CUDA C: the trained weights agree with
+    the CPU's (rtol=1e-4, atol=1e-5)."""
+    data = bad_data(tmp_path)["ok"]
+    options = ["--data", str(data), "--epochs", "3", "--lr", "0.5", "--batch-size", "4",
+               "--test-fraction", "0.2"]
+    cpu = train(model, *options, "--threads", "1", "-o", tmp_path / "cpu.npz")
+    sim = train(model, *options, "--target", "cuda-sim", "-o", tmp_path / "sim.npz")
+    assert cpu.exit_code == 0 and sim.exit_code == 0, (cpu.output, sim.output)
+    assert "target cuda-sim" in sim.stdout.splitlines()[0]
+    with np.load(tmp_path / "cpu.npz") as want, np.load(tmp_path / "sim.npz") as got:
+        assert set(got.files) == set(want.files)
+        for key in want.files:
+            agree(got[key], want[key], key)
 
 
 def test_plot_writes_a_png(model: Path, tmp_path: Path) -> None:
@@ -200,6 +216,8 @@ def bad_data(tmp_path: Path) -> dict[str, Path]:
     (["--data", "{ok}", "--plot", "loss.xyz"],
      "error: --plot: cannot tell the image format of 'loss.xyz'; name it .png (or .svg, .pdf: "
      "a suffix matplotlib knows)"),
+    (["--data", "{ok}", "--target", "cuda-sim", "--threads", "2"],
+     "error: --threads applies to --target llvm; cuda-sim runs a step on the simulated GPU"),
     (["--data", "{ok}", "--lr", "0"],
      "error: Invalid value for '--lr': 0.0 is not in the range x>0. (see `cnnc train --help`)"),
 ])

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 import cnnc
 from cnnc import ops
 from cnnc.tools.fuzz.command import fuzz_command
+from cnnc.tools.fuzz.configs import BOUNDS_EVERY
 from cnnc.tools.fuzz.loop import fuzz
 from cnnc.tools.fuzz.model import CASE_FILE, INPUT_FILE, MODEL_FILE, TARGET_FILE
 from cnnc.tools.fuzz.replay import replay
@@ -53,7 +54,8 @@ def test_a_seeded_training_run_matches_the_reference_on_one_and_two_threads(
     print(report.summary())
     assert [f"model {index}: {failure.describe()}" for index, failure in report.failures] == []
     assert report.models == 24
-    assert report.runs_per_config == {"train": 24, "train-2threads": 24}
+    # cuda-sim (which checks every access's bounds) on every BOUNDS_EVERY-th model
+    assert report.runs_per_config == {"train": 24, "train-2threads": 24, "train-cuda-sim": 6}
 
 
 def _scaled_tanh_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -84,8 +86,9 @@ def test_a_wrong_gradient_is_caught_shrunk_written_and_replayed(
     report = fuzz(seed=SEED, count=index + 1, jobs=0, out=tmp_path, shrink_seconds=120,
                   training=True)
     failing = [failure for found, failure in report.failures if found == index]
+    configs = ["train", "train-2threads"] + ["train-cuda-sim"] * (index % BOUNDS_EVERY == 0)
     assert [(failure.config, failure.kind) for failure in failing] == \
-        [("train", "mismatch"), ("train-2threads", "mismatch")]
+        [(config, "mismatch") for config in configs]
     assert "gradient of" in failing[0].message and "differ from the reference" in \
         failing[0].message
     directory = next(path for path in report.written if f"training-model{index}-" in path.name)
@@ -99,7 +102,7 @@ def test_a_wrong_gradient_is_caught_shrunk_written_and_replayed(
     assert replay(directory).failures  # still fails with the broken rule
 
     result = CliRunner().invoke(fuzz_command, ["--replay", str(directory)])
-    assert result.exit_code == 1 and "FAILED (train, train-2threads)" in result.output
+    assert result.exit_code == 1 and f"FAILED ({', '.join(configs)})" in result.output
     monkeypatch.undo()
     assert replay(directory).failures == []  # and passes once the rule is right again
 
@@ -112,9 +115,13 @@ def test_the_command_runs_the_training_mode(tmp_path: Path) -> None:
     # The plumbing, whatever the models find: a run that found failures exits with 1.
     summary = result.output.splitlines()[0]
     assert summary.startswith("fuzzed 2 models (seed 3)"), result.output
-    assert "(train 2, train-2threads 2)" in summary
+    assert "(train 2, train-2threads 2, train-cuda-sim 1)" in summary
     assert result.exit_code == (0 if summary.endswith("; 0 failures") else 1)
     bad = runner.invoke(fuzz_command, ["--train", "--targets", "llvm"])
     assert bad.exit_code == 2
-    assert "unknown target 'llvm' with --train; expected some of train, train-2threads" in \
-        bad.output
+    assert "unknown target 'llvm' with --train; expected some of train, train-2threads, " \
+        "train-cuda-sim" in bad.output
+    only = runner.invoke(fuzz_command, ["--train", "--targets", "train-cuda-sim", "--seed", "3",
+                                        "--count", "2", "--jobs", "0", "--quiet",
+                                        "--shrink-seconds", "0", "--out", str(tmp_path)])
+    assert "(train-cuda-sim 2)" in only.output.splitlines()[0], only.output

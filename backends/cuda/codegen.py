@@ -285,8 +285,9 @@ class CudaPrinter(CStylePrinter):
         self.symbols = symbols
         self.fast_math = fast_math
         self.check_bounds = check_bounds
-        # Floats per image of each buffer (one lane: a buffer holds one image).
-        self.sizes = {buffer.name: buffer.size for buffer in kernel.buffers}
+        # Floats per image of each buffer (one lane: a buffer holds one image), or a C
+        # expression of them.
+        self.sizes: dict[str, int | str] = {buffer.name: buffer.size for buffer in kernel.buffers}
         self.uses_max = False  # whether the module needs MAX_HELPER
 
     def loop_header(self, loop: For, pad: str) -> list[str]:

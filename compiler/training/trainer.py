@@ -52,9 +52,9 @@ class Trainer:
     """A compiled training step for batches of up to `batch_size` images."""
 
     def __init__(self, graph: Graph, loss: str, reduction: str, optimizer: Any, batch_size: int,
-                 threads: int | None, use_cache: bool = True, seed: int = 0) -> None:
+                 threads: int | None, use_cache: bool = True, seed: int = 0,
+                 target: str = "llvm", check_bounds: bool = False) -> None:
         from cnnc.backends.llvm import runtime
-        from cnnc.backends.llvm.training import LlvmTrainingCode
 
         if loss not in LOSSES:
             raise InputError(f"unknown loss '{loss}'; expected {' or '.join(LOSSES)}")
@@ -68,7 +68,8 @@ class Trainer:
         self.seed = seed  # of the dropout masks
         self.threads = max(1, threads or runtime.cpus())
         self.program = programs.build(graph, loss, optimizer, batch_size)
-        self.code = LlvmTrainingCode(self.program, self.threads, use_cache)
+        self.target = target
+        self.code = _code(self.program, target, self.threads, use_cache, check_bounds)
         self.store = np.zeros(self.program.store_floats + 16, np.float32)
         start = (-self.store.ctypes.data % 64) // 4
         self.store = self.store[start: start + self.program.store_floats]
@@ -281,6 +282,23 @@ class Trainer:
         return history
 
 
+def _code(program: programs.TrainingProgram, target: str, threads: int, use_cache: bool,
+          check_bounds: bool) -> Any:
+    """The compiled step: LLVM for the host CPU, or CUDA C for a GPU or cuda-sim."""
+    if target == "llvm":
+        from cnnc.backends.llvm.training import LlvmTrainingCode
+
+        if check_bounds:
+            raise InputError("check_bounds is a check of the CUDA targets' generated code; "
+                             "use target='cuda-sim' with it")
+        return LlvmTrainingCode(program, threads, use_cache)
+    if target in ("cuda", "cuda-sim"):
+        from cnnc.backends.cuda.training import CudaTrainingCode
+
+        return CudaTrainingCode(program, target, use_cache, check_bounds)
+    raise InputError(f"unknown training target '{target}'; expected llvm, cuda or cuda-sim")
+
+
 def describe(epoch: Epoch) -> str:
     parts = [f"epoch {epoch.epoch}: loss {epoch.loss:.4f}"]
     if epoch.train_accuracy is not None:
@@ -294,12 +312,15 @@ def describe(epoch: Epoch) -> str:
 def compile_training(model: str | Path | Graph, loss: str = "cross_entropy",
                      reduction: str = "mean", optimizer: Any = None, batch_size: int = 256,
                      threads: int | None = None, init: str | None = None, seed: int = 0,
-                     use_cache: bool = True) -> Trainer:
+                     use_cache: bool = True, target: str = "llvm",
+                     check_bounds: bool = False) -> Trainer:
     """Compile a training step of `model` for the host CPU: forward, `loss` (cross_entropy
     with integer labels, or squared_error) with `reduction`, backward and `optimizer`'s
     update (`cnnc.optim.SGD` or `Adam`; default SGD(lr=0.1)), as one native call per batch.
     Initial weights are the model's (`weights:` or `seed:`), or `init` ("xavier_uniform")
-    drawn from `seed`; step k's dropout masks are drawn from (`seed`, k)."""
+    drawn from `seed`; step k's dropout masks are drawn from (`seed`, k). `target` "cuda"
+    runs the step on a GPU and "cuda-sim" runs the same CUDA C on the CPU (with
+    `check_bounds`, every access checks its index)."""
     from cnnc.driver import check_threads
     from cnnc.optim import SGD
 
@@ -310,4 +331,4 @@ def compile_training(model: str | Path | Graph, loss: str = "cross_entropy",
 
         apply_init(graph, init, seed)
     return Trainer(graph, loss, reduction, optimizer if optimizer is not None else SGD(lr=0.1),
-                   batch_size, threads, use_cache, seed)
+                   batch_size, threads, use_cache, seed, target, check_bounds)

@@ -40,9 +40,32 @@ CONFIGS: dict[str, Config] = {config.name: config for config in (
     Config("cuda-sim-bounds", target="cuda-sim", check_bounds=True),
 )}
 BOUNDS_EVERY = 4  # without --sample, the bounds-checking configs run on every 4th model
-# The training mode's configurations (`cnnc fuzz --train`): one compiled training step on
-# this many threads; "train-2threads" must also give the bits of "train".
-TRAINING_CONFIGS: dict[str, int] = {"train": 1, "train-2threads": 2}
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """A configuration of the training mode (`cnnc fuzz --train`): one compiled training
+    step on `threads` threads of `target` (cuda-sim checks the bounds of every access)."""
+
+    name: str
+    threads: int = 1
+    target: str = "llvm"
+
+
+# "train-2threads" must also give the bits of "train"; unless the targets are chosen,
+# "train-cuda-sim" (a C++ compile per model) runs on every BOUNDS_EVERY-th model.
+TRAINING_CONFIGS: dict[str, TrainingConfig] = {config.name: config for config in (
+    TrainingConfig("train"),
+    TrainingConfig("train-2threads", threads=2),
+    TrainingConfig("train-cuda-sim", target="cuda-sim"),
+)}
+
+
+def training_configs_for(index: int, targets: list[str], chosen: bool) -> list[str]:
+    """The training configurations model `index` runs on: every one of `targets` when the
+    user `chosen` them, else cuda-sim only on every BOUNDS_EVERY-th model."""
+    return [name for name in targets if chosen or TRAINING_CONFIGS[name].target == "llvm"
+            or index % BOUNDS_EVERY == 0]
 
 
 def configs_for(index: int, targets: list[str], sample: int | None) -> list[str]:

@@ -13,7 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cnnc.compare import ATOL, RTOL
-from cnnc.tools.fuzz.configs import CONFIGS, TRAINING_CONFIGS, configs_for
+from cnnc.tools.fuzz.configs import (
+    CONFIGS,
+    TRAINING_CONFIGS,
+    configs_for,
+    training_configs_for,
+)
 from cnnc.tools.fuzz.judge import Failure, Outcome
 from cnnc.tools.fuzz.replay import write_case
 from cnnc.tools.fuzz.runner import Job, Runner
@@ -77,8 +82,9 @@ def fuzz(seed: int = 0, count: int | None = None, seconds: float | None = None,
     passed; shrink up to `max_shrunk` failures of distinct kinds and write them under `out`.
     `log` gets a line per failure and per shrinking step; `progress` a line on how far the
     run is, after a model, at most every PROGRESS_SECONDS. `training` fuzzes compiled
-    training steps instead, on `targets` of TRAINING_CONFIGS (every one for every model)."""
+    training steps instead, on `targets` of TRAINING_CONFIGS (`training_configs_for`)."""
     known = TRAINING_CONFIGS if training else CONFIGS
+    picked = bool(targets)  # by the user: then every model runs every one
     targets = list(targets or known)
     unknown = [name for name in targets if name not in known]
     if unknown:
@@ -90,8 +96,9 @@ def fuzz(seed: int = 0, count: int | None = None, seconds: float | None = None,
     start = shown = time.monotonic()
     deadline = start + seconds if seconds is not None else None
     limit = count if count is not None else 1 << 62
-    jobs_iter = (Job(targets if training else configs_for(index, targets, sample), seed, index,
-                     training=training) for index in range(limit))
+    jobs_iter = (Job(training_configs_for(index, targets, picked) if training
+                     else configs_for(index, targets, sample), seed, index, training=training)
+                 for index in range(limit))
     found: list[tuple[int, Job, Outcome]] = []
     with tempfile.TemporaryDirectory(prefix="cnnc-fuzz-cache-") as cache, \
             Runner(jobs, os.environ.get("CNNC_CACHE_DIR", cache)) as runner:

@@ -312,9 +312,11 @@ def evaluate_training(model: Path, x: np.ndarray, layout: str, setup: TrainingSe
         if progress is not None:
             progress(name)
         try:
+            config = TRAINING_CONFIGS[name]
             trainer = compile_training(graph, setup.loss, setup.reduction, SGD(lr=0.0),
-                                       setup.batch_size, TRAINING_CONFIGS[name],
-                                       seed=DROPOUT_SEED)
+                                       setup.batch_size, config.threads, seed=DROPOUT_SEED,
+                                       target=config.target,
+                                       check_bounds=config.target == "cuda-sim")
         except Exception as error:
             outcome.failures.append(Failure(name, "compile", error_text(error),
                                             type(error).__name__))
