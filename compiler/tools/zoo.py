@@ -17,6 +17,7 @@ import importlib.util
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -37,8 +38,30 @@ CNNC = "cnnc-llvm"
 # Engine name in the bench -> (column title, distribution whose version the table names).
 PEERS = {"onnxruntime": ("ONNX Runtime", "onnxruntime"), "openvino": ("OpenVINO", "openvino"),
          "torch": ("PyTorch", "torch")}
-# A load average above this share of the CPUs, before the run, marks the numbers as provisional.
+# CPUs busy above this share, measured just before the run, mark the numbers as provisional.
 BUSY_LOAD_PER_CPU = 0.25
+BUSY_SECONDS = 2.0  # how long that is measured
+
+
+def busy_cpus(seconds: float = BUSY_SECONDS) -> float:
+    """How many CPUs other work keeps busy now: from /proc/stat over `seconds` (a 1-minute
+    load average would still count a test suite that ended before the run), else the load
+    average where there is no /proc/stat."""
+
+    def times() -> tuple[int, int]:
+        with open("/proc/stat") as file:
+            fields = [int(value) for value in file.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle
+
+    try:
+        total, idle = times()
+        time.sleep(seconds)
+        total2, idle2 = times()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0]
+    elapsed = max(total2 - total, 1)
+    return (os.cpu_count() or 1) * (1 - (idle2 - idle) / elapsed)
 
 
 @dataclass
@@ -162,7 +185,7 @@ def section(points: list[Point], flops: dict[str, float], notes: list[str], roun
              "reference (rtol=1e-4, atol=1e-5) before it is timed; images/s are the median "
              f"of {rounds} interleaved rounds. The weights are PyTorch's default "
              "initialisation (examples/zoo/make_weights.py).",
-             f"- Load average before the run: {load:.2f} on {cpus} CPUs."]
+             f"- CPUs busy with other work just before the run: {load:.2f} of {cpus}."]
     if load > BUSY_LOAD_PER_CPU * cpus:
         lines.append("- **The machine was busy with other work during this run: these numbers "
                      "are provisional; rerun the command on a quiet machine before quoting "
@@ -233,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown zoo model '{name}'; expected one of {', '.join(known)}")
     if args.rounds < 3:
         parser.error("--rounds must be at least 3")
-    load = os.getloadavg()[0]
+    load = busy_cpus()
     points, flops, notes = measure(names, args.rounds)
     plot_path = args.plot or args.out.parent / "zoo.png"
     plot_name: str | None = os.path.relpath(plot_path, args.out.parent)
