@@ -9,6 +9,7 @@ or the backends. `ReferenceTrainer` steps a `cnnc.optim` optimizer with it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -103,15 +104,19 @@ def reference_backward(graph: Graph, x: object, y: object, *, loss: Loss = "cros
                        reduction: Reduction = "mean", training: bool = False,
                        params: dict[str, np.ndarray] | None = None,
                        dropout_masks: dict[str, np.ndarray] | None = None, seed: int = 0,
-                       step: int = 0) -> Backward:
+                       step: int = 0, float32_values: str | None = None) -> Backward:
     """The loss of `graph` on batch `x` against targets `y`, and every gradient, in float64.
 
     `training` computes as `torch.nn.Module.train()` does (batchnorm over the batch's
     statistics, and its running statistics updated; dropout multiplies by a mask, the given
     `dropout_masks` or else those `cnnc.dropout.dropout_masks(graph, seed, step, batch)`
     makes); otherwise as `eval()`. `params` ("layer.param" -> array) replace the graph's own
-    where given."""
+    where given. `float32_values` ("nearest", "up" or "down") rounds every value and gradient
+    between ops to float32 that way, as an engine that keeps them in float32 memory does (the
+    arithmetic stays float64): how far that moves a result shows where float32 storage alone
+    decides it (a sigmoid's `y (1 - y)` from an output that float32 holds as 1.0)."""
     check_trainable(graph)
+    stored = _unchanged if float32_values is None else _float32_rounding(float32_values)
     per_image = 16 * sum(math.prod(graph.shape(name)) for name in graph.order())
     check_input(graph, x, per_image)  # one-line errors for a wrong shape or dtype
     x64 = np.asarray(x, dtype=np.float64)
@@ -145,6 +150,7 @@ def reference_backward(graph: Graph, x: object, y: object, *, loss: Loss = "cros
             buffers.update({f"{name}.{key}": value for key, value in updated.items()})
         else:
             values[name] = ops.OPS[graph.op(name)].compute(attrs, node_params[name], operands)
+        values[name] = stored(values[name])
 
     value, grad_output = loss_and_gradient(values[output_name], target, loss, reduction)
     grads: dict[str, np.ndarray] = {output_name: grad_output}
@@ -166,11 +172,33 @@ def reference_backward(graph: Graph, x: object, y: object, *, loss: Loss = "cros
         grad_inputs, grad_params = vjp(graph.attrs(name), node_params[name], inputs,
                                        values[name], grads.pop(name))
         for operand, grad in zip(operands, grad_inputs):  # a value read twice sums both
-            grads[operand] = grads[operand] + grad if operand in grads else grad
+            grad = stored(grad)
+            grads[operand] = stored(grads[operand] + grad) if operand in grads else grad
         gradients.update({f"{name}.{key}": grad_params[key] for key in trained})
     input_gradient = grads.get(INPUT, np.zeros_like(x64))
     used = {name: mask.astype(np.float32) for name, mask in masks.items()}
     return Backward(value, gradients, input_gradient, values[output_name], buffers, used)
+
+
+def _float32_rounding(mode: str) -> Callable[[np.ndarray], np.ndarray]:
+    if mode not in ("nearest", "up", "down"):
+        raise ValueError(f"float32_values must be nearest, up or down, got {mode!r}")
+
+    def rounded(value: np.ndarray) -> np.ndarray:
+        nearest = np.asarray(value, np.float32)
+        if mode == "up":
+            nearest = np.where(nearest < value, np.nextafter(nearest, np.float32(np.inf)),
+                               nearest)
+        elif mode == "down":
+            nearest = np.where(nearest > value, np.nextafter(nearest, np.float32(-np.inf)),
+                               nearest)
+        return nearest.astype(np.float64)
+
+    return rounded
+
+
+def _unchanged(value: np.ndarray) -> np.ndarray:
+    return value
 
 
 class Optimizer(Protocol):

@@ -94,6 +94,23 @@ def test_erf_and_gelu_are_accurate_far_out() -> None:
         assert check.ok, check
 
 
+def test_tanh_keeps_its_relative_accuracy_near_zero() -> None:
+    """tanh(x) ~ x for tiny x, to float32's relative precision (rtol=1e-6): 1 - 2/(e^2x + 1)
+    alone cancels to 0 there, which a relu after it would read as "off"."""
+    graph = cnnc.Graph("g", (1, 1, 13))
+    graph.add("t", "tanh", ["input"], {})
+    graph.add("r", "relu", ["t"], {})
+    graph.outputs = ["r"]
+    x = np.array([1e-30, 1e-8, 3.7e-8, 1e-6, 1e-4, 0.01, 0.1, 0.124, 0.126, 0.5, 3.0, 20.0,
+                  100.0], np.float32).reshape(1, 1, 1, -1)
+    want = np.tanh(x.astype(np.float64))
+    for config in ("llvm", "cuda-sim"):
+        got = cnnc.compile(graph, use_cache=False, **CONFIGS[config])(x)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=0, err_msg=config)
+        got = cnnc.compile(graph, use_cache=False, **CONFIGS[config])(-x)
+        assert (got == 0).all(), config
+
+
 def test_conv_hardswish_pool_is_one_kernel() -> None:
     graph, _, _ = conv_then("hardswish", {})
     graph.add("pool", "maxpool2d", ["op"], ops.OPS["maxpool2d"].check_attrs({"kernel_size": 2}))

@@ -111,6 +111,32 @@ def test_cross_entropy_is_stable_for_huge_scores() -> None:
     assert_allclose(grad, [[0.0, 0.0], [1.0, -1.0]], atol=1e-12)
 
 
+def test_float32_values_round_what_is_stored_between_ops() -> None:
+    """With `float32_values` a saturated sigmoid's output is stored as 1.0, so its gradient
+    `y (1 - y)` is 0, as in an engine that keeps it in float32; in float64 it is not. Where
+    nothing saturates the two agree to float32 rounding."""
+    graph = build((1, 1, 1), [("f", "flatten", ["input"], {}),
+                              ("d", "dense", ["f"], {"units": 1}), ("s", "sigmoid", ["d"], {})])
+    graph.params("d").update(weight=np.ones((1, 1), np.float32), bias=np.zeros(1, np.float32))
+    x = np.array([[[[20.0]]], [[[0.5]]]], np.float32)  # sigmoid(20) = 1 - 2.1e-9
+    y = np.zeros((2, 1), np.float32)
+    wide = reference_backward(graph, x[:1], y[:1], loss="squared_error", reduction="sum")
+    narrow = reference_backward(graph, x[:1], y[:1], loss="squared_error", reduction="sum",
+                                float32_values="nearest")
+    assert wide.gradients["d.bias"][0] == pytest.approx(2 * 2.06e-9, rel=1e-2)
+    assert narrow.gradients["d.bias"][0] == 0.0
+    wide = reference_backward(graph, x[1:], y[1:], loss="squared_error")
+    for mode in ("nearest", "up", "down"):
+        narrow = reference_backward(graph, x[1:], y[1:], loss="squared_error",
+                                    float32_values=mode)
+        assert_allclose(narrow.gradients["d.weight"], wide.gradients["d.weight"], rtol=1e-6)
+        assert narrow.gradients["d.weight"][0, 0] != wide.gradients["d.weight"][0, 0]
+    # rounded up, sigmoid(15) = 1 - 3.1e-7 stays below 1.0: the gradient is not lost
+    lower = reference_backward(graph, np.full((1, 1, 1, 1), 15.0, np.float32), y[:1],
+                               loss="squared_error", float32_values="up")
+    assert 0 < lower.gradients["d.bias"][0] < 1e-6
+
+
 def test_an_op_without_a_gradient_rule_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(ops.OPS, "tanh", dataclasses.replace(ops.OPS["tanh"], gradient=None))
     graph = build((1, 8, 8), LENET_8X8)

@@ -156,7 +156,10 @@ def _reference(graph: Graph, x: np.ndarray, setup: TrainingSetup, step: int, noi
     """The float64 reference of training step `step` (batch norm on the batch's statistics,
     dropout's masks of that step, as the compiled step computes), or with `noisy` its runs
     with the input and every parameter perturbed by a relative NOISE (which shows where the
-    step is ill-conditioned at this input, as `judge.reference_variants` does)."""
+    step is ill-conditioned at this input, as `judge.reference_variants` does) and two more
+    with every value between ops stored in float32, rounded up and rounded down (which shows
+    where float32 storage alone decides a gradient: sigmoid's `y (1 - y)` from an output that
+    rounds to 1.0)."""
     from cnnc.reference_backward import reference_backward
 
     rng = np.random.default_rng(rng_seed)
@@ -164,16 +167,21 @@ def _reference(graph: Graph, x: np.ndarray, setup: TrainingSetup, step: int, noi
     params = {f"{name}.{key}": np.asarray(value, np.float64) for name in graph.order()
               for key, value in graph.params(name).items()}
     runs: list[Step] = []
-    for _ in range(max(noisy, 1)):
-        def wobble(value: np.ndarray) -> np.ndarray:
-            return value * (1 + NOISE * rng.uniform(-1, 1, value.shape)) if noisy else value
+
+    def wobble(value: np.ndarray, perturbed: bool) -> np.ndarray:
+        return value * (1 + NOISE * rng.uniform(-1, 1, value.shape)) if perturbed else value
+
+    roundings: list[str | None] = [None] * max(noisy, 1) + (["up", "down"] if noisy else [])
+    for rounding in roundings:
+        perturbed = bool(noisy) and rounding is None
 
         with np.errstate(all="ignore"):
             backward = reference_backward(
-                graph, wobble(x64), setup.y[:len(x)], loss=setup.loss,  # type: ignore[arg-type]
+                graph, wobble(x64, perturbed), setup.y[:len(x)], loss=setup.loss,  # type: ignore[arg-type]
                 reduction=setup.reduction,  # type: ignore[arg-type]
                 training=True, seed=DROPOUT_SEED, step=step,
-                params={key: wobble(value) for key, value in params.items()})
+                params={key: wobble(value, perturbed) for key, value in params.items()},
+                float32_values=rounding)
         runs.append((backward.loss, backward.gradients))
     return runs
 
