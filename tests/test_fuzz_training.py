@@ -58,6 +58,30 @@ def test_a_seeded_training_run_matches_the_reference_on_one_and_two_threads(
     assert report.runs_per_config == {"train": 24, "train-2threads": 24, "train-cuda-sim": 6}
 
 
+def test_torch_step_is_the_reference_step_in_float32() -> None:
+    """The envelope's PyTorch run computes the same step as the reference (batch norm in
+    training mode, dropout by the reference's masks), to float32 rounding."""
+    pytest.importorskip("torch")
+    from conftest import agree
+    from conftest import build_graph as build
+    from test_training_compiled import NORMALISED, batch
+
+    from cnnc.reference_backward import reference_backward
+    from cnnc.tools.fuzz.torch_step import torch_step
+
+    graph = build((2, 7, 7), NORMALISED)
+    for loss, reduction in (("cross_entropy", "mean"), ("squared_error", "sum")):
+        x, y = batch(graph, 9, loss)
+        want = reference_backward(graph, x, y, loss=loss, reduction=reduction, training=True,
+                                  seed=3)
+        got = torch_step(graph, x, y, loss, reduction, want.masks)
+        assert got is not None
+        np.testing.assert_allclose(got[0], want.loss, rtol=1e-5)
+        assert set(got[1]) == set(want.gradients)
+        for key, grad in want.gradients.items():
+            agree(got[1][key], grad, key)
+
+
 def _scaled_tanh_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
     """A stand-in for a compiler bug: the compiled gradient of tanh is 1% too large."""
     original = kernels.pointwise_backward

@@ -35,6 +35,7 @@ from cnnc.tools.fuzz.generate import (
 )
 from cnnc.tools.fuzz.judge import NOISE, NOISE_SLACK, Failure, Outcome, error_text, same_bits
 from cnnc.tools.fuzz.model import Case, ModelSpec, TrainingSetup, load_with_seed, present
+from cnnc.tools.fuzz.torch_step import torch_step
 
 MAX_TRAINING_BATCH = 40  # one, two or three blocks of 16 images
 LOSSES = {"cross_entropy": 1.0, "squared_error": 1.0}
@@ -156,10 +157,10 @@ def _reference(graph: Graph, x: np.ndarray, setup: TrainingSetup, step: int, noi
     """The float64 reference of training step `step` (batch norm on the batch's statistics,
     dropout's masks of that step, as the compiled step computes), or with `noisy` its runs
     with the input and every parameter perturbed by a relative NOISE (which shows where the
-    step is ill-conditioned at this input, as `judge.reference_variants` does) and two more
+    step is ill-conditioned at this input, as `judge.reference_variants` does), two more
     with every value between ops stored in float32, rounded up and rounded down (which shows
     where float32 storage alone decides a gradient: sigmoid's `y (1 - y)` from an output that
-    rounds to 1.0)."""
+    rounds to 1.0), and PyTorch's float32 step where PyTorch is installed (`torch_step`)."""
     from cnnc.reference_backward import reference_backward
 
     rng = np.random.default_rng(rng_seed)
@@ -183,6 +184,12 @@ def _reference(graph: Graph, x: np.ndarray, setup: TrainingSetup, step: int, noi
                 params={key: wobble(value, perturbed) for key, value in params.items()},
                 float32_values=rounding)
         runs.append((backward.loss, backward.gradients))
+    if noisy:
+        with np.errstate(all="ignore"):
+            theirs = torch_step(graph, x, setup.y[:len(x)], setup.loss, setup.reduction,
+                                backward.masks)
+        if theirs is not None:
+            runs.append(theirs)
     return runs
 
 
