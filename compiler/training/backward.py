@@ -22,6 +22,10 @@ from cnnc.passes.fuse import is_view
 from cnnc.training import batchnorm, kernels, transposed
 from cnnc.training.program import Builder, Launch, Place, WholeBatch, reads_input
 
+# The ops whose backward rules are kernels of their own kind (or none), not a pointwise rule.
+WITH_KERNELS = ("add", "identity", "dense", "conv2d", "batchnorm2d", "avgpool2d", "maxpool2d",
+                "global_avgpool2d", "dropout")
+
 
 def backward(plan: Builder, output: str, grad_output: int
              ) -> tuple[list[Launch | WholeBatch], list[Launch | WholeBatch]]:
@@ -47,7 +51,9 @@ def backward(plan: Builder, output: str, grad_output: int
         op, attrs = graph.op(name), graph.attrs(name)
         shape = graph.shape(name)
         floats = math.prod(shape)
-        if len(parts) == 1:
+        # a plain elementwise rule adds its parts itself, as it reads them
+        plain = not is_view(graph, name) and op not in WITH_KERNELS and len(parts) > 1
+        if len(parts) == 1 or plain:
             grad = parts[0]
         else:
             grad = plan.block.take(floats * width)
@@ -79,6 +85,8 @@ def backward(plan: Builder, output: str, grad_output: int
             if gx is not None and (op == "dense" or transposed.conv_padding(attrs)):
                 items.append(_as_forward(plan, name, op, attrs, in_shape, shape, weight.shape,
                                          places))
+            elif gx is not None and transposed.phases(attrs, in_shape, shape) is not None:
+                items += _by_phases(plan, name, attrs, in_shape, shape, weight.shape, places)
             elif gx is not None:
                 kernel = kernels.conv_input_backward(plan.fresh("dgrad"), name, attrs,
                                                      in_shape, shape, weight, width)
@@ -108,9 +116,11 @@ def backward(plan: Builder, output: str, grad_output: int
         else:  # an elementwise op with a compiled rule
             rule = ops.OPS[op].gradient
             assert rule is not None and rule.lower is not None
+            summing = {"parts": len(parts)} if plain else {}
             kernel = kernels.pointwise_backward(plan.fresh("egrad"), name, floats, width,
-                                                rule.lower, attrs)
-            items.append(plan.launch(kernel, places))
+                                                rule.lower, attrs, **summing)
+            summed = {f"c{index}": Place("block", part) for index, part in enumerate(parts)}
+            items.append(plan.launch(kernel, {**places, **summed}))
     return items, jobs
 
 
@@ -126,12 +136,48 @@ def _as_forward(plan: Builder, name: str, op: str, attrs: dict, in_shape: tuple[
                                          "wt": Place("global", scratch)}))
     kernel = transposed.input_gradient_kernel(plan.fresh("dgrad"), op, attrs, in_shape, shape,
                                               weight_shape)
+    kernel.layers = [name]
     (source,) = [buffer.name for buffer in kernel.buffers if buffer.role == "input"]
     (output,) = [buffer.name for buffer in kernel.buffers if buffer.role == "output"]
     weights = {buffer.name: scratch for buffer in kernel.buffers
                if buffer.param_of == f"{transposed.LAYER}.weight"}
     constants = plan.bind_params(kernel, skip=set(weights))
     return Launch(kernel, {source: places["g"], output: places["gx"]}, {**weights, **constants})
+
+
+def _by_phases(plan: Builder, name: str, attrs: dict, in_shape: tuple[int, ...],
+               shape: tuple[int, ...], weight_shape: tuple[int, ...],
+               places: dict[str, Place]) -> list[Launch | WholeBatch]:
+    """A strided conv's input gradient: a forward kernel per phase of the input, over weights
+    rearranged at the step's start, into one scratch region that `interleave` reads."""
+    found = transposed.phases(attrs, in_shape, shape)
+    assert found is not None
+    reached = [phase for phase in found if phase.reached]
+    sizes = [in_shape[0] * math.prod(phase.computed) * plan.width for phase in reached]
+    scratch = plan.block.take(sum(sizes))
+    items: list[Launch | WholeBatch] = []
+    start = scratch
+    for phase, size in zip(reached, sizes):
+        weights = plan.glob.take(shape[0] * weight_shape[1] * len(phase.taps[0])
+                                 * len(phase.taps[1]))
+        prepare = transposed.rearrange_phase(plan.fresh("rearrange"), name, weight_shape,
+                                             attrs["groups"], phase)
+        plan.prepare.append(Launch(prepare, {"w": plan.param(f"{name}.weight"),
+                                             "wt": Place("global", weights)}))
+        kernel = transposed.phase_kernel(plan.fresh("dgrad"), attrs, in_shape[0], shape, phase)
+        kernel.layers = [name]
+        (source,) = [buffer.name for buffer in kernel.buffers if buffer.role == "input"]
+        (output,) = [buffer.name for buffer in kernel.buffers if buffer.role == "output"]
+        bound = {buffer.name: weights for buffer in kernel.buffers
+                 if buffer.param_of == f"{transposed.LAYER}.weight"}
+        constants = plan.bind_params(kernel, skip=set(bound))
+        items.append(Launch(kernel, {source: places["g"], output: Place("block", start)},
+                            {**bound, **constants}))
+        start += size
+    kernel = transposed.interleave(plan.fresh("interleave"), name, in_shape, attrs["stride"],
+                                   found, plan.width)
+    items.append(plan.launch(kernel, {"phases": Place("block", scratch), "gx": places["gx"]}))
+    return items
 
 
 def _batchnorm(plan: Builder, name: str, shape: tuple[int, ...], x_offset: int, grad: int,
@@ -209,6 +255,7 @@ def _weight_job(kernel_name: str, layer: str, graph: Graph, shape: tuple[int, ..
                                               graph.shape(source), graph.shape(layer),
                                               has_bias, width, blocks, block_floats, x_offset,
                                               g_offset)
-        return kernel, shape[0], places
+        tile = kernels.weight_tile(shape[0] // graph.attrs(layer)["groups"], shape[2] * shape[3])
+        return kernel, shape[0] // tile, places
 
     return make

@@ -108,16 +108,30 @@ def _index(area: int, width: int) -> Expr:
     return at(Var("c") * area + Var("p"), width)
 
 
-def normalise(name: str, layer: str, shape: tuple[int, ...], width: int) -> Kernel:
-    """y = (x - mean) * invstd * weight + bias, over this step's statistics."""
+def normalise(name: str, layer: str, shape: tuple[int, ...], width: int,
+              then: list[tuple[str, dict, int]] | None = None) -> Kernel:
+    """y = (x - mean) * invstd * weight + bias, over this step's statistics; then each of
+    `then` (op, attrs, how many more operands it reads: an add's "o0", "o1", ...) applied to
+    that value, in the same pass."""
+    from cnnc import ops
+
     channels, area = _channel_points(shape)
     c = Var("c")
     head: list[Stmt] = [Declare("scale", Load("stats", c + channels) * Load("weight", c)),
                         Declare("shift", Load("bias", c) - Load("stats", c) * Local("scale"))]
     index = _index(area, width)
-    body = _per_channel(shape, width, head, [
-        Store("y", index, Load("x", index) * Local("scale") + Local("shift"))])
-    return Kernel(name, [layer], _buffers(shape, width, layer, ("stats", 2 * channels)), body)
+    value: Expr = Load("x", index) * Local("scale") + Local("shift")
+    extra = 0
+    for op, attrs, count in then or []:
+        spec = ops.OPS[op]
+        assert spec.lower is not None
+        operands = [value, *(Load(f"o{extra + k}", index) for k in range(count))]
+        extra += count
+        value = spec.lower(operands, attrs) if spec.lower_attrs else spec.lower(operands)
+    body = _per_channel(shape, width, head, [Store("y", index, value)])
+    buffers = _buffers(shape, width, layer, ("stats", 2 * channels))
+    buffers += [Buffer(f"o{k}", math.prod(shape) * width, "input") for k in range(extra)]
+    return Kernel(name, [layer], buffers, body)
 
 
 def evaluate(name: str, layer: str, shape: tuple[int, ...], eps: float, width: int) -> Kernel:

@@ -111,16 +111,20 @@ PointRule = Callable[[Expr, Expr, Expr, dict], Expr]
 
 
 def pointwise_backward(name: str, layer: str, floats: int, width: int, rule: PointRule,
-                       attrs: dict, extra: str = "") -> Kernel:
+                       attrs: dict, extra: str = "", parts: int = 1) -> Kernel:
     """gx = rule(x, y, g) at every point; `extra` names one more per-point input the rule
-    reads as its input value instead of x (dropout's mask)."""
+    reads as its input value instead of x (dropout's mask). With several `parts`, g is the
+    sum of "c0", "c1", ... added in order (the contributions of the value's readers)."""
     p = Var("p")
     index = at(p, width)
     x = Load("extra" if extra else "x", index)
-    value = rule(x, Load("y", index), Load("g", index), attrs)
+    grad: Expr = Load("g" if parts == 1 else "c0", index)
+    for number in range(1, parts):
+        grad = grad + Load(f"c{number}", index)
+    value = rule(x, Load("y", index), grad, attrs)
     read = {node.buffer for node in walk(value) if isinstance(node, Load)}
-    buffers = [Buffer(buffer, floats * width, "input") for buffer in
-               ("extra" if extra else "x", "y", "g") if buffer in read]
+    inputs = ("extra" if extra else "x", "y", "g", *(f"c{number}" for number in range(parts)))
+    buffers = [Buffer(buffer, floats * width, "input") for buffer in inputs if buffer in read]
     buffers.append(Buffer("gx", floats * width, "output"))
     return Kernel(name, [layer], buffers, _points(p.name, floats, width,
                                                   [Store("gx", index, value)]))
@@ -294,32 +298,47 @@ def dense_weight_backward(name: str, layer: str, features: int, units: int, has_
     return Kernel(name, [layer], buffers, body, uses_batch=True)
 
 
+def weight_tile(per_out: int, taps: int) -> int:
+    """Output channels per item of a conv's weight gradient: as many as share one load of
+    each input value while their accumulators (one per channel and tap) stay in registers."""
+    return max(tile for tile in range(1, 5) if per_out % tile == 0 and tile * taps <= 24
+               or tile == 1)
+
+
 def conv_weight_backward(name: str, layer: str, attrs: dict, in_shape: tuple[int, ...],
                          out_shape: tuple[int, ...], has_bias: bool, width: int, blocks: int,
                          block_floats: int, x_offset: int, g_offset: int) -> Kernel:
-    """Output channel `item`'s weights: gW[o, c, ky, kx] = sum over images and output points
-    of g[o, y, x] * x[c, y * sh + ky * dh - top, x * sw + kx * dw - left], every tap of one
-    input channel at once (one load of g serves them all)."""
+    """Item `item`'s output channels o (`weight_tile` of them, in one group): gW[o, c, ky, kx]
+    = sum over images and output points of g[o, y, x] * x[c, y * sh + ky * dh - top,
+    x * sw + kx * dw - left], every tap of one input channel at once (one load of each g and
+    each x serves the whole tile, and the input is read once per tile, not per channel)."""
     channels, height, wide = in_shape
     outs, out_h, out_w = out_shape
     groups = attrs["groups"]
     per_in, per_out = channels // groups, outs // groups
     (kh, kw), (sh, sw), (dh, dw) = attrs["kernel_size"], attrs["stride"], attrs["dilation"]
     (top, bottom), (left, right) = attrs["padding"]
+    taps = [(ky, kx) for ky in range(kh) for kx in range(kw)]
+    tile = weight_tile(per_out, len(taps))
     y, x, ci = Var("y"), Var("x"), Var("ci")
-    c = Bin("//", ITEM, Const(per_out)) * per_in + ci
-    g = Load("acts", _block_at(block_floats, g_offset, (ITEM * out_h + y) * out_w + x, width))
+    first = ITEM * tile  # the tile's first output channel
+    c = Bin("//", first, Const(per_out)) * per_in + ci
     body: list[Stmt] = []
     if has_bias:
-        body += [Declare("tb", Const(0.0)), lanes(width, [
-            Declare("ab", Const(0.0)),
-            *_over_blocks(blocks, width, [For(y.name, out_h, [For(x.name, out_w, [
-                Assign("ab", Local("ab") + g)], role="reduce")], role="reduce")]),
-            Assign("tb", Local("tb") + Local("ab"))]), Store("gb", ITEM, Local("tb"))]
-    taps = [(ky, kx) for ky in range(kh) for kx in range(kw)]
-    # Few taps leave registers for a sum per block, added to the whole batch's at the end of
-    # the block: sums of one block's points, which stay accurate for large images and batches.
-    part = "_b" if len(taps) <= 12 else ""
+        for t in range(tile):
+            g = Load("acts", _block_at(block_floats, g_offset,
+                                       ((first + t) * out_h + y) * out_w + x, width))
+            body += [Declare(f"tb{t}", Const(0.0)), lanes(width, [
+                Declare(f"ab{t}", Const(0.0)),
+                *_over_blocks(blocks, width, [For(y.name, out_h, [For(x.name, out_w, [
+                    Assign(f"ab{t}", Local(f"ab{t}") + g)], role="reduce")], role="reduce")]),
+                Assign(f"tb{t}", Local(f"tb{t}") + Local(f"ab{t}"))]),
+                Store("gb", first + t, Local(f"tb{t}"))]
+    # The accumulators of a channel and tap: one sum per block, added to the whole batch's
+    # at the end of the block (sums of one block's points stay accurate for large images and
+    # batches), when the registers allow.
+    part = "_b" if tile * len(taps) <= 24 else ""
+    sums = [(t, ky, kx) for t in range(tile) for ky, kx in taps]
 
     def inside(size: int, out: int, stride: int, kernel: int, dilation: int, pad: int
                ) -> tuple[int, int]:
@@ -329,14 +348,15 @@ def conv_weight_backward(name: str, layer: str, attrs: dict, in_shape: tuple[int
         return (whole[0], whole[-1] + 1) if whole else (0, 0)
 
     def points(rows: tuple[int, int], cols: tuple[int, int], guard: bool) -> list[Stmt]:
-        """Every tap at output points rows x cols: one load of g, one accumulator per tap
-        (enough independent sums to fill the FMA pipes); a guard only at the borders."""
+        """Every tap at output points rows x cols: one load of each g and each x, one
+        accumulator per channel and tap (enough independent sums to fill the FMA pipes); a
+        guard only at the borders."""
         if rows[1] <= rows[0] or cols[1] <= cols[0]:
             return []
         row, col = y + rows[0], x + cols[0]
-        point = (ITEM * out_h + row) * out_w + col
-        update: list[Stmt] = [Declare("gv", Load("acts", _block_at(block_floats, g_offset,
-                                                                   point, width)))]
+        update: list[Stmt] = [
+            Declare(f"gv{t}", Load("acts", _block_at(block_floats, g_offset, ((
+                first + t) * out_h + row) * out_w + col, width))) for t in range(tile)]
         for ky, kx in taps:
             iy, ix = row * sh + ky * dh - top, col * sw + kx * dw - left
             ok = all_of(in_range(iy, height), in_range(ix, wide)) if guard else None
@@ -346,8 +366,10 @@ def conv_weight_backward(name: str, layer: str, attrs: dict, in_shape: tuple[int
                                                  (c * height + safe_y) * wide + safe_x, width))
             if ok is not None:
                 value = Select(ok, value, Const(0.0))
-            acc = f"a{ky}_{kx}{part}"
-            update.append(Assign(acc, Local(acc) + Local("gv") * value))
+            update.append(Declare(f"xv{ky}_{kx}", value))
+            for t in range(tile):
+                acc = f"a{t}_{ky}_{kx}{part}"
+                update.append(Assign(acc, Local(acc) + Local(f"gv{t}") * Local(f"xv{ky}_{kx}")))
         return [For(y.name, rows[1] - rows[0], [For(x.name, cols[1] - cols[0], update,
                                                     role="reduce")], role="reduce")]
 
@@ -357,17 +379,18 @@ def conv_weight_backward(name: str, layer: str, attrs: dict, in_shape: tuple[int
     if (y0, y1, x0, x1) != (0, out_h, 0, out_w):  # the borders, guarded
         spatial += points((0, y0), (0, out_w), True) + points((y1, out_h), (0, out_w), True)
         spatial += points((y0, y1), (0, x0), True) + points((y0, y1), (x1, out_w), True)
-    inner: list[Stmt] = [Declare(f"t{ky}_{kx}", Const(0.0)) for ky, kx in taps]
+    inner: list[Stmt] = [Declare(f"t{t}_{ky}_{kx}", Const(0.0)) for t, ky, kx in sums]
     if part:
-        spatial = [*(Declare(f"a{ky}_{kx}{part}", Const(0.0)) for ky, kx in taps), *spatial,
-                   *(Assign(f"a{ky}_{kx}", Local(f"a{ky}_{kx}") + Local(f"a{ky}_{kx}{part}"))
-                     for ky, kx in taps)]
-    inner.append(lanes(width, [*(Declare(f"a{ky}_{kx}", Const(0.0)) for ky, kx in taps),
+        spatial = [*(Declare(f"a{t}_{ky}_{kx}{part}", Const(0.0)) for t, ky, kx in sums),
+                   *spatial,
+                   *(Assign(f"a{t}_{ky}_{kx}", Local(f"a{t}_{ky}_{kx}") +
+                            Local(f"a{t}_{ky}_{kx}{part}")) for t, ky, kx in sums)]
+    inner.append(lanes(width, [*(Declare(f"a{t}_{ky}_{kx}", Const(0.0)) for t, ky, kx in sums),
                                *_over_blocks(blocks, width, spatial),
-                               *(Assign(f"t{ky}_{kx}", Local(f"t{ky}_{kx}") +
-                                        Local(f"a{ky}_{kx}")) for ky, kx in taps)]))
-    inner += [Store("gw", ((ITEM * per_in + ci) * kh + ky) * kw + kx, Local(f"t{ky}_{kx}"))
-              for ky, kx in taps]
+                               *(Assign(f"t{t}_{ky}_{kx}", Local(f"t{t}_{ky}_{kx}") +
+                                        Local(f"a{t}_{ky}_{kx}")) for t, ky, kx in sums)]))
+    inner += [Store("gw", (((first + t) * per_in + ci) * kh + ky) * kw + kx,
+                    Local(f"t{t}_{ky}_{kx}")) for t, ky, kx in sums]
     body.append(For(ci.name, per_in, inner, role="channel"))
     buffers = [Buffer("acts", blocks * block_floats, "input"),
                Buffer("gw", outs * per_in * kh * kw, "output")]

@@ -253,14 +253,19 @@ class Builder:
         """The forward kernels; batch norm and dropout get kernels of their own, which read
         what changes at run time (statistics, masks) instead of the inference constants."""
         items: list[Launch | WholeBatch] = []
-        for kernel in self.lowered.kernels:
+        kernels_in_order = self.lowered.kernels
+        folded: set[str] = set()  # kernels that a batch norm's kernel computes
+        for number, kernel in enumerate(kernels_in_order):
             binding = self.lowered.bindings[kernel.name]
-            if USER_OUTPUT in binding.values():
+            if USER_OUTPUT in binding.values() or kernel.name in folded:
                 continue
             layer = kernel.layers[0] if len(kernel.layers) == 1 else ""
             op = self.graph.op(layer) if layer in self.graph.nx else ""
             if op == "batchnorm2d":
-                items += self._batchnorm(layer, training)
+                then = self._after_batchnorm(layer, kernels_in_order[number + 1:]) \
+                    if training else []
+                folded |= {name for name, _ in then}
+                items += self._batchnorm(layer, training, [node for _, node in then])
             elif op == "dropout" and training:
                 items.append(self._dropout(layer))
             else:
@@ -269,7 +274,35 @@ class Builder:
                 items.append(Launch(kernel, places, self.bind_params(kernel)))
         return items
 
-    def _batchnorm(self, layer: str, training: bool) -> list[Launch | WholeBatch]:
+    def _after_batchnorm(self, layer: str, following: list[Kernel]) -> list[tuple[str, str]]:
+        """(kernel, node) of the ops after a batch norm that its kernel can compute as it
+        normalises: an add, then an activation whose gradient reads only its output, each the
+        only reader of the value before and the next kernel; the values between are then not
+        kept, which is right since no backward rule reads them."""
+        chain: list[tuple[str, str]] = []
+        current = layer
+        for kernel in following:
+            users = self.graph.users(current)
+            if len(users) != 1 or current in self.graph.outputs or kernel.layers != users:
+                break
+            node = users[0]
+            op = self.graph.op(node)
+            spec = ops.OPS[op]
+            if op == "add" and not chain and self.graph.operands(node).count(current) == 1:
+                chain.append((kernel.name, node))
+            elif (spec.kind == "elementwise" and op not in ("batchnorm2d", "dropout", "add")
+                  and not spec.channel_params and spec.lower is not None
+                  and spec.gradient is not None and spec.gradient.lower is not None
+                  and not reads_input(op, self.graph.attrs(node))):
+                chain.append((kernel.name, node))
+                break
+            else:
+                break
+            current = node
+        return chain
+
+    def _batchnorm(self, layer: str, training: bool, then: list[str] | None = None
+                   ) -> list[Launch | WholeBatch]:
         shape = self.graph.shape(layer)
         attrs = self.graph.attrs(layer)
         source = self.graph.operands(layer)[0]
@@ -293,7 +326,17 @@ class Builder:
                                           self.valid_offset)
             return kernel, shape[0], places
 
-        kernel = batchnorm.normalise(self.fresh("bn"), layer, shape, self.width)
+        steps: list[tuple[str, dict, int]] = []  # (op, attrs, operands it adds)
+        previous = layer
+        for node in then or []:
+            others = [operand for operand in self.graph.operands(node) if operand != previous]
+            for index, operand in enumerate(others):
+                places[f"o{sum(count for _, _, count in steps) + index}"] = self.tensor(operand)
+            steps.append((self.graph.op(node), self.graph.attrs(node), len(others)))
+            previous = node
+        places["y"] = self.tensor(previous)
+        kernel = batchnorm.normalise(self.fresh("bn"), layer, shape, self.width, steps)
+        kernel.layers = [layer, *(then or [])]
         return [WholeBatch(make), self.launch(kernel, places)]
 
     def _dropout(self, layer: str) -> Launch:

@@ -221,6 +221,17 @@ class Trainer:
             self.store[at] = -self.optimizer.lr / (1 - beta1**self.steps)
             self.store[at + 1] = math.sqrt(1 - beta2**self.steps)
 
+    def profile(self, x: Any, y: Any, seconds: float = 2.0) -> str:
+        """A table of where a step on (x, y) spends its time, kernel by kernel, on one thread
+        (`cnnc.training.profile`); the trainer's state is as it was before."""
+        from cnnc.training.profile import profile
+
+        if self.target != "llvm":
+            raise InputError("Trainer.profile times the llvm target's kernels; this trainer "
+                             f"runs on {self.target}")
+        self._targets(y, len(self._images(x)))  # a mistake is one clear error
+        return profile(self, x, y, seconds)
+
     def scores(self, x: Any) -> np.ndarray:
         """The model's outputs on `x` with the current parameters, by the compiled forward
         kernels, `batch_size` images at a time."""
