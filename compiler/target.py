@@ -304,6 +304,27 @@ def pool_barrier_us(threads: int, measure: Callable[[], float]) -> float:
 
 
 _BARRIERS: dict[str, float] = {}
+MEMORY_FILE = "memory-bandwidth.json"  # in the cache directory: {cpu key: GB/s}
+
+
+def memory_gbps(measure: Callable[[], float]) -> float:
+    """How fast one core of this CPU streams data from main memory, in GB/s: read from the
+    cache or, the first time on this CPU model, taken from `measure` and stored. What a
+    kernel whose weights do not fit in the caches (a big dense layer at batch 1) is bound by."""
+    key = f"{cpu_model_name()} | {os.cpu_count()} cpus"
+    if key in _BANDWIDTHS:
+        return _BANDWIDTHS[key]
+    cached = _read_facts(MEMORY_FILE).get(key)
+    if not isinstance(cached, float):
+        cached = float(measure())
+        facts = _read_facts(MEMORY_FILE)
+        facts[key] = cached
+        _write_facts(MEMORY_FILE, facts)
+    _BANDWIDTHS[key] = cached
+    return cached
+
+
+_BANDWIDTHS: dict[str, float] = {}
 
 
 def _read_facts(name: str) -> dict[str, Any]:

@@ -96,6 +96,27 @@ def test_the_decision_weighs_flops_at_the_peak_against_the_barrier(zoo_dir: Path
     assert split.plan_stages(graph, lowered, 2, 100.0, 1000.0) == []  # a dear barrier
 
 
+def test_a_dense_layer_that_streams_its_weights_is_split_for_the_memory() -> None:
+    """9216 x 256 weights (9.4 MB) read once per image: at any FLOP rate the time to stream
+    them from memory is what splitting halves."""
+    graph = cnnc.Graph("wide_dense", (16, 24, 24))
+    graph.add("f", "flatten", ["input"], {})
+    rng = np.random.default_rng(0)
+    graph.add("d", "dense", ["f"], cnnc.ops.OPS["dense"].check_attrs({"units": 256}),
+              {"weight": rng.normal(0, 0.01, (256, 9216)).astype(np.float32),
+               "bias": np.zeros(256, np.float32)})
+    graph.outputs = ["d"]
+    graph, lowered = lowered_of(graph)
+    (dense,) = [kernel for kernel in lowered.kernels if kernel.name.startswith("dense")]
+    assert split.kernel_param_bytes(dense) == 4 * (256 * 9216 + 256)
+    fast = 1e6  # GFLOP/s: the FLOPs alone are never worth a barrier
+    assert split.plan_stages(graph, lowered, 2, fast, 1.0) == []
+    stages = split.plan_stages(graph, lowered, 2, fast, 1.0, memory_gbps=20.0)
+    assert [lowered.kernels[stage.kernels[0]] for stage in stages if stage.items == 2] \
+        == [dense]
+    assert split.plan_stages(graph, lowered, 2, fast, 1000.0, memory_gbps=20.0) == []
+
+
 def test_lenet_sized_kernels_are_not_worth_a_barrier() -> None:
     graph, lowered = lowered_of(cnnc.load(EXAMPLES / "lenet.yaml"))
     assert split.plan_stages(graph, lowered, 2, 100.0, 1.0) == []

@@ -107,7 +107,8 @@ class LlvmModel:
             cpu = target.host_cpu()
             self.split_stages = tuple(split.plan_stages(
                 self._split_variant.graph, self._split_variant.lowered, self.threads,
-                cpu.peak_gflops_per_core, split.host_barrier_us(self.threads)))
+                cpu.peak_gflops_per_core, split.host_barrier_us(self.threads),
+                split.host_memory_gbps()))
         self._jit_variants = [jit.Variant(runner_symbol(variant), variant.lowered,
                                           variant.memory.offsets,
                                           self.split_stages if variant is self._split_variant

@@ -10,6 +10,7 @@ the same code as on one thread: the bits do not change. Nothing here knows a mod
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -30,6 +31,8 @@ SPLIT_MARGIN = 4.0
 BARRIER_STAGES = 256  # empty stages timed per run of the barrier measurement
 BARRIER_RUNS = 15  # the cheapest of these runs is kept, as the peak keeps the fastest
 BARRIER_WORK_US = 2.0  # the work of one item of a timed stage
+MEMORY_FLOATS = 16 << 20  # 64 MiB streamed to measure the memory bandwidth
+MEMORY_RUNS = 5
 
 
 @dataclass(frozen=True)
@@ -94,18 +97,26 @@ def kernel_flops(graph: Graph, kernel: Kernel) -> int:
     return sum(node_flops(graph, node) for node in kernel.layers if node in graph.nx)
 
 
+def kernel_param_bytes(kernel: Kernel) -> int:
+    """The bytes of parameters one image through `kernel` reads."""
+    return 4 * sum(buffer.size for buffer in kernel.buffers if buffer.role == "param")
+
+
 def plan_stages(graph: Graph, lowered: LoweredModel, threads: int, peak_gflops: float,
-                barrier_us: float) -> list[Stage]:
+                barrier_us: float, memory_gbps: float = math.inf) -> list[Stage]:
     """The stages of a batch-1 call on `threads` threads: each kernel that saves more than
-    SPLIT_MARGIN barriers when split (its time at `peak_gflops` per core, against
-    `barrier_us`) is a stage of its own, the others grouped into stages of one item. Empty
-    when no kernel is worth splitting: the call then stays on one thread."""
+    SPLIT_MARGIN barriers when split is a stage of its own, the others grouped into stages of
+    one item. A kernel's time is bounded below by its FLOPs at `peak_gflops` per core and by
+    its parameters streamed at `memory_gbps` per core (a dense layer's weights at batch 1:
+    each core of a split streams its share). Empty when no kernel is worth splitting: the
+    call then stays on one thread."""
     stages: list[Stage] = []
     run: list[int] = []
     for index, kernel in enumerate(lowered.kernels):
         loop = split_loop(kernel, threads)
         if loop is not None:
-            at_peak_us = kernel_flops(graph, kernel) / (peak_gflops * 1e3)
+            at_peak_us = max(kernel_flops(graph, kernel) / (peak_gflops * 1e3),
+                             kernel_param_bytes(kernel) / (memory_gbps * 1e3))
             saved_us = at_peak_us * (1 - ceil_div(loop.extent, threads) / loop.extent)
             if saved_us > SPLIT_MARGIN * barrier_us:
                 if run:
@@ -131,6 +142,25 @@ def host_barrier_us(threads: int) -> float:
     """The measured cost of one pool barrier on `threads` threads of this machine (cached
     per CPU model by `cnnc.target`)."""
     return target.pool_barrier_us(threads, lambda: measure_barrier_us(threads))
+
+
+def host_memory_gbps() -> float:
+    """One core's measured streaming bandwidth from main memory (cached per CPU model by
+    `cnnc.target`)."""
+    return target.memory_gbps(measure_memory_gbps)
+
+
+def measure_memory_gbps() -> float:
+    """GB/s of one core taking the maximum of an array larger than small machines' caches
+    (64 MiB; NumPy's maximum is vectorised and single-threaded, its sum is slower than the
+    memory): the best of MEMORY_RUNS runs."""
+    data = np.ones(MEMORY_FLOATS, np.float32)
+    best = math.inf
+    for _ in range(MEMORY_RUNS):
+        start = time.perf_counter()
+        np.maximum.reduce(data)
+        best = min(best, time.perf_counter() - start)
+    return data.nbytes / best / 1e9
 
 
 def measure_barrier_us(threads: int) -> float:
@@ -189,5 +219,6 @@ done:
 """
 
 
-__all__ = ["Stage", "describe", "host_barrier_us", "measure_barrier_us", "plan_stages",
+__all__ = ["Stage", "describe", "host_barrier_us", "host_memory_gbps", "measure_barrier_us",
+           "measure_memory_gbps", "plan_stages",
            "split_kernel", "split_loop"]
