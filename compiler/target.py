@@ -59,6 +59,14 @@ class CpuIsa:
         holding a row of weights and the broadcast inputs (14 of AVX-512's 32)."""
         return self.vector_registers * 7 // 16
 
+    @property
+    def broadcast_tile(self) -> int:
+        """Accumulators of a channels x points register tile whose weights are broadcast
+        scalars (the batch layout's convolutions): half the registers, the rest holding one
+        broadcast weight per channel and the input vectors of the points (16 of AVX-512's
+        32; measured: 24 spilled, 8-12 left the FMA pipes waiting on their latency)."""
+        return self.vector_registers // 2
+
     @classmethod
     def from_features(cls, features: str) -> CpuIsa:
         return cls(vector_width(features), vector_registers(features))

@@ -205,7 +205,9 @@ def test_tile_prints_the_schedules_it_picks() -> None:
     layout = "layout: batch, [C][H][W][16]"
     assert describe(graph) == \
         f"{SMALL_TEXT}\nkernels:\n{kernels.format(UNTILED, UNTILED, UNTILED)}\n{layout}"
-    picked = ["oc_block=4 x_block=1 unroll_max=0 gpu_threads=128 gpu_batch_inner=False "
+    # The conv's tile: 2 channels by 3 pooled points, each a window row of 2 (12 of the
+    # 16 accumulators AVX-512 gives a broadcast tile; 2 x 6 is the most FMAs per load).
+    picked = ["oc_block=2 x_block=3 unroll_max=0 gpu_threads=128 gpu_batch_inner=False "
               "gpu_shared_tiles=False",
               "oc_block=3 x_block=1 unroll_max=0 gpu_threads=128 gpu_batch_inner=False "
               "gpu_shared_tiles=False",
@@ -234,9 +236,12 @@ def test_tile_picks_per_layout_and_target(options: Options, schedules: list[str]
 
 def test_tile_on_lenet() -> None:
     tiled = PASSES["tile"](before("tile", cnnc.load(GOLDEN / "lenet.yaml")), Options())
-    assert [(group.name, group.schedule.oc_block) for group in tiled.plan.groups] == [
-        ("conv2d_sigmoid_avgpool2d_0", 6), ("conv2d_sigmoid_avgpool2d_1", 8),
-        ("dense_sigmoid_2", 8), ("dense_sigmoid_3", 7), ("dense_4", 5)]
+    # The convolutions' tiles count each pooled point as its window row of 2 points: 3 x 2 x 2
+    # and 8 x 1 x 2 (5, the pooled row of the second, takes 10 points, too many).
+    assert [(group.name, group.schedule.oc_block, group.schedule.x_block)
+            for group in tiled.plan.groups] == [
+        ("conv2d_sigmoid_avgpool2d_0", 3, 2), ("conv2d_sigmoid_avgpool2d_1", 8, 1),
+        ("dense_sigmoid_2", 8, 1), ("dense_sigmoid_3", 7, 1), ("dense_4", 5, 1)]
 
 
 def test_plan_memory_reuses_the_memory_of_dead_tensors() -> None:
