@@ -29,3 +29,14 @@ def test_busy_cpus_falls_back_to_the_load_average(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(zoo, "open", missing, raising=False)
     monkeypatch.setattr(zoo.os, "getloadavg", lambda: (0.75, 0.5, 0.25))
     assert zoo.busy_cpus() == 0.75
+
+
+def test_compile_times_are_measured_cold_and_cached() -> None:
+    """Cold runs LLVM; cached finds the object code (it only runs the passes again)."""
+    from conftest import EXAMPLES
+
+    import cnnc
+
+    cold, cached = zoo.compile_seconds(cnnc.load(EXAMPLES / "lenet.yaml"))
+    assert 0 < cached < cold
+    assert zoo.compile_table({"lenet": (1.234, 0.0456)})[-1] == "| lenet | 1.23 s | 0.046 s |"

@@ -104,16 +104,31 @@ def mflops(graph: cnnc.Graph) -> float:
     return sum(node_flops(graph, node) for node in graph.order()[1:]) / 1e6
 
 
-def measure(names: list[str], rounds: int, zoo: Path = ZOO) -> tuple[list[Point],
-                                                                     dict[str, float], list[str]]:
-    """Bench every model; returns the points, MFLOP/image per model and the bench's notes."""
+def compile_seconds(graph: cnnc.Graph) -> tuple[float, float]:
+    """Seconds `cnnc.compile` takes for the llvm target: cold (LLVM runs, the compile cache is
+    not read) and cached (its object code found in the cache; the passes run again)."""
+    start = time.perf_counter()
+    cnnc.compile(graph, use_cache=False)
+    cold = time.perf_counter() - start
+    cnnc.compile(graph)  # stores the object code
+    start = time.perf_counter()
+    cnnc.compile(graph)
+    return cold, time.perf_counter() - start
+
+
+def measure(names: list[str], rounds: int, zoo: Path = ZOO
+            ) -> tuple[list[Point], dict[str, float], list[str], dict[str, tuple[float, float]]]:
+    """Bench every model; returns the points, MFLOP/image per model, the bench's notes and
+    each model's compile times (`compile_seconds`)."""
     make_weights = load_make_weights(zoo)
     points: list[Point] = []
     flops: dict[str, float] = {}
     notes: list[str] = []
+    compiles: dict[str, tuple[float, float]] = {}
     for name in names:
         graph = cnnc.load(make_weights.write(name, zoo))
         flops[name] = mflops(graph)
+        compiles[name] = compile_seconds(graph)
         print(f"zoo: {name} ({flops[name]:.1f} MFLOP/image)", file=sys.stderr, flush=True)
         report: Report = run_bench(graph, None, "llvm", BATCHES, THREADS, list(PEERS),
                                    rounds=rounds,
@@ -125,7 +140,14 @@ def measure(names: list[str], rounds: int, zoo: Path = ZOO) -> tuple[list[Point]
                 rates = {result.engine: result.images_per_second for result in report.results
                          if (result.threads, result.batch) == (threads, batch)}
                 points.append(Point(name, threads, batch, rates))
-    return points, flops, notes
+    return points, flops, notes, compiles
+
+
+def compile_table(compiles: dict[str, tuple[float, float]]) -> list[str]:
+    return ["Compile time of `cnnc.compile(MODEL)` (llvm), in this process before the bench:",
+            "", "| model | cold | cached |", "|---|---:|---:|",
+            *(f"| {name} | {cold:.2f} s | {cached:.3f} s |"
+              for name, (cold, cached) in compiles.items())]
 
 
 def _version(distribution: str) -> str:
@@ -173,7 +195,8 @@ def summary(points: list[Point]) -> str:
 
 
 def section(points: list[Point], flops: dict[str, float], notes: list[str], rounds: int,
-            command: str, plot_name: str | None, load: float) -> str:
+            command: str, plot_name: str | None, load: float,
+            compiles: dict[str, tuple[float, float]] | None = None) -> str:
     cpu = host_cpu()
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cpus = os.cpu_count() or 1
@@ -191,6 +214,8 @@ def section(points: list[Point], flops: dict[str, float], notes: list[str], roun
                      "are provisional; rerun the command on a quiet machine before quoting "
                      "them.**")
     lines += ["", *table(points, flops, cpu.peak_gflops_per_core), "", summary(points)]
+    if compiles:
+        lines += ["", *compile_table(compiles)]
     if plot_name:
         lines += ["", f"![cnnc / best peer per zoo model and point]({plot_name})"]
     if notes:
@@ -257,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 3:
         parser.error("--rounds must be at least 3")
     load = busy_cpus()
-    points, flops, notes = measure(names, args.rounds)
+    points, flops, notes, compiles = measure(names, args.rounds)
     plot_path = args.plot or args.out.parent / "zoo.png"
     plot_name: str | None = os.path.relpath(plot_path, args.out.parent)
     try:
@@ -266,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"zoo: no plot: {error}", file=sys.stderr)
         plot_name = None
     command = "python -m cnnc.tools.zoo " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = section(points, flops, notes, args.rounds, command.strip(), plot_name, load)
+    text = section(points, flops, notes, args.rounds, command.strip(), plot_name, load,
+                   compiles)
     write_section(args.out, text)
     print(text)
     return 0
