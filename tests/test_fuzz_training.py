@@ -79,6 +79,9 @@ def test_torch_step_is_the_reference_step_in_float32() -> None:
         np.testing.assert_allclose(got[0], want.loss, rtol=1e-5)
         assert set(got[1]) == set(want.gradients)
         for key, grad in want.gradients.items():
+            if key == "c2.bias":  # before batch norm: exactly 0, float32 leaves residue
+                np.testing.assert_allclose(got[1][key], 0.0, atol=1e-4)
+                continue
             agree(got[1][key], grad, key)
 
 

@@ -213,7 +213,7 @@ def test_a_copy_has_a_plan_of_its_own() -> None:
     other = compiled.copy()
     assert other.plan == compiled.plan
     other.plan.groups[0].schedule = other.plan.groups[0].schedule.replace(oc_block=1)
-    assert compiled.plan.groups[0].schedule.oc_block == 6
+    assert compiled.plan.groups[0].schedule.oc_block == 3
 
 
 @pytest.mark.parametrize("target", ["llvm", "cuda-sim"])

@@ -73,6 +73,8 @@ def _invocations(tmp: Path) -> list[list[str]]:
         ["train", str(model), "--data", str(data), "--epochs", "1", "--batch-size", "16",
          "--lr", "0.01", "--optimizer", "adam", "--init", "xavier_uniform", "--threads", "1",
          "-o", str(tmp / "trained.npz"), "--plot", str(tmp / "loss.png")],
+        ["train", str(model), "--data", str(data), "--epochs", "1", "--batch-size", "16",
+         "--target", "cuda-sim"],
     ]
 
 

@@ -93,9 +93,11 @@ def test_the_tiling_pass_fills_the_target_registers() -> None:
                          kernel_size=3, bias=False)
     blocks = {}
     for name, isa in (("avx512", target.CpuIsa(16, 32)), ("avx2", target.CpuIsa(8, 16))):
-        compiled = run_pipeline(graph, Options(target="llvm", cpu=isa))
-        blocks[name] = compiled.plan.groups[0].schedule.oc_block
-    assert blocks == {"avx512": 8, "avx2": 4}
+        schedule = run_pipeline(graph, Options(target="llvm", cpu=isa)).plan.groups[0].schedule
+        blocks[name] = (schedule.oc_block, schedule.x_block)
+    # The batch layout's channels x points tile (`broadcast_tile`, half the registers): 4 x 3
+    # of 6 points a row within AVX-512's 16 accumulators, 4 x 2 within AVX2's 8.
+    assert blocks == {"avx512": (4, 3), "avx2": (4, 2)}
     # The channel layout's channels x points tile: 16 channels are one AVX-512 vector, so
     # all 6 points of a row share its weights (6 <= 14); AVX2's two vectors of 8 leave room
     # for 3 points (2 x 3 <= 7).
