@@ -19,7 +19,7 @@ from cnnc.graph import Graph
 from cnnc.kernel import Kernel
 from cnnc.lower.template import _avg_divisors
 from cnnc.passes.fuse import is_view
-from cnnc.training import batchnorm, kernels, transposed
+from cnnc.training import batchnorm, kernels, transposed, weights
 from cnnc.training.program import Builder, Launch, Place, WholeBatch, reads_input
 
 # The ops whose backward rules are kernels of their own kind (or none), not a pointwise rule.
@@ -80,8 +80,18 @@ def backward(plan: Builder, output: str, grad_output: int
             has_bias = "bias" in graph.params(name)
             job_places = {buffer: grads_of(key) for buffer, key in weight_outputs.items()
                           if key in plan.params}
-            jobs.append(WholeBatch(_weight_job(plan.fresh("wgrad"), name, graph, weight.shape,
-                                               has_bias, width, x_offset, grad, job_places)))
+            if op == "conv2d" and weights.per_block(attrs, shape):
+                # this block's share, while x and g are in cache
+                shares = {buffer: Place("block", plan.shares + plan.params[key][0])
+                          for buffer, key in weight_outputs.items() if key in plan.params}
+                kernel = weights.conv_weight_gradient(plan.fresh("wgrad"), name, attrs,
+                                                      in_shape, shape, has_bias, width)
+                items.append(plan.launch(kernel, {"source": places["x"], "grad": places["g"],
+                                                  **shares}))
+            else:
+                jobs.append(WholeBatch(_weight_job(plan.fresh("wgrad"), name, graph,
+                                                   weight.shape, has_bias, width, x_offset,
+                                                   grad, job_places)))
             if gx is not None and (op == "dense" or transposed.conv_padding(attrs)):
                 items.append(_as_forward(plan, name, op, attrs, in_shape, shape, weight.shape,
                                          places))
@@ -242,7 +252,7 @@ def _weight_job(kernel_name: str, layer: str, graph: Graph, shape: tuple[int, ..
                 has_bias: bool, width: int, x_offset: int, g_offset: int,
                 places: dict[str, Place]
                 ) -> Callable[[int, int], tuple[Kernel, int, dict[str, Place]]]:
-    """The whole-batch kernel of a conv's or dense layer's weight (and bias) gradient."""
+    """The whole-batch kernel of a dense layer's or a conv's weight (and bias) gradient."""
     def make(blocks: int, block_floats: int) -> tuple[Kernel, int, dict[str, Place]]:
         if graph.op(layer) == "dense":
             units, features = shape
@@ -251,10 +261,9 @@ def _weight_job(kernel_name: str, layer: str, graph: Graph, shape: tuple[int, ..
                                                    x_offset, g_offset)
             return kernel, units, places
         source = graph.operands(layer)[0]
-        kernel = kernels.conv_weight_backward(kernel_name, layer, graph.attrs(layer),
-                                              graph.shape(source), graph.shape(layer),
-                                              has_bias, width, blocks, block_floats, x_offset,
-                                              g_offset)
+        kernel = weights.conv_weight_gradient(
+            kernel_name, layer, graph.attrs(layer), graph.shape(source), graph.shape(layer),
+            has_bias, width, weights.Batch(blocks, block_floats, x_offset, g_offset))
         tile = kernels.weight_tile(shape[0] // graph.attrs(layer)["groups"], shape[2] * shape[3])
         return kernel, shape[0] // tile, places
 

@@ -32,7 +32,7 @@ from cnnc.passes import Options, run_pipeline
 from cnnc.passes.fuse import _name, tensor_of
 from cnnc.passes.tile import tile
 from cnnc.plan import Group
-from cnnc.training import batchnorm, kernels
+from cnnc.training import batchnorm, kernels, weights
 from cnnc.util import ceil_div
 
 ALIGN = 16  # floats: every placed tensor starts on a 64-byte line
@@ -193,6 +193,8 @@ class Builder:
         self.prepare: list[Launch] = []  # once at the start of a step
         self.valid_offset = 0
         self.grads_offset = 0
+        self.shared_floats = 0  # the trained region's part whose gradients blocks share
+        self.shares = 0  # where each block's shares of those gradients are
         self.hyper = Place("global")
 
     def fresh(self, stem: str) -> str:
@@ -204,17 +206,29 @@ class Builder:
     def place_params(self) -> int:
         """Trained parameters first, in one region padded to the optimizer's chunks; then the
         buffers (running statistics), which the optimizer never touches. Returns the trained
-        region's size."""
+        region's size. The convolutions' come first, in a part padded to the chunks too
+        (`shared_floats`): each block computes its share of their gradients, laid out alike
+        (`cnnc.training.weights`)."""
         buffers = []
-        for name in self.order:
-            rule = ops.OPS[self.graph.op(name)].gradient
-            for key, value in self.graph.params(name).items():
-                if rule is not None and key in rule.buffers:
-                    buffers.append((f"{name}.{key}", value))
-                    continue
-                self.params[f"{name}.{key}"] = (self.glob.take(value.size), value.shape)
-                self.trained.append(f"{name}.{key}")
         chunk = kernels.OPTIMIZER_CHUNK
+        convs = [name for name in self.order if self.graph.op(name) == "conv2d"
+                 and weights.per_block(self.graph.attrs(name), self.graph.shape(name))]
+
+        def place(names: list[str]) -> None:
+            for name in names:
+                rule = ops.OPS[self.graph.op(name)].gradient
+                for key, value in self.graph.params(name).items():
+                    if rule is not None and key in rule.buffers:
+                        buffers.append((f"{name}.{key}", value))
+                        continue
+                    self.params[f"{name}.{key}"] = (self.glob.take(value.size), value.shape)
+                    self.trained.append(f"{name}.{key}")
+
+        place(convs)
+        if convs:
+            self.shared_floats = ceil_div(self.glob.floats, chunk) * chunk
+            self.glob.floats = self.shared_floats
+        place([name for name in self.order if name not in convs])
         floats = ceil_div(max(self.glob.floats, 1), chunk) * chunk
         self.glob.floats = floats
         for key, value in buffers:
@@ -396,7 +410,18 @@ def build(graph: Graph, loss: str, optimizer: object, batch_size: int) -> Traini
         "scores": plan.tensor(output), "target": Place("block", target_offset),
         "weight": Place("block", weight_offset), "loss": Place("block", loss_offset),
         "grad": Place("block", grad_output)})
+    if plan.shared_floats:
+        plan.shares = plan.block.take(plan.shared_floats)
     backward_items, weight_jobs = backward(plan, output, grad_output)
+    chunk = kernels.OPTIMIZER_CHUNK
+
+    def add_shares(blocks: int, block_floats: int) -> tuple[Kernel, int, dict[str, Place]]:
+        kernel = weights.block_sum("block_sum", plan.shared_floats, width, blocks,
+                                   block_floats, plan.shares)
+        return kernel, plan.shared_floats // chunk, {"grads": Place("global", grads_offset)}
+
+    if plan.shared_floats:
+        weight_jobs.insert(0, WholeBatch(add_shares))
 
     if isinstance(optimizer, SGD):
         update = kernels.sgd_kernel("sgd", param_floats, optimizer.lr, optimizer.momentum,
