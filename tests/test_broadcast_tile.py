@@ -64,7 +64,9 @@ def test_a_batch_convolution_takes_a_channels_by_points_tile(graph: Graph, cpu: 
 
 def test_the_channel_layout_and_the_gpu_keep_their_own_tiles() -> None:
     graph = conv_net(32, 64, 16, padding=1)
-    assert schedules(graph, layout="channel") == {"conv2d_relu_0": (4, 2)}
+    # The channel layout: 4 channel vectors by 4 points, 16 accumulators (`cpu.broadcast_tile`:
+    # the inputs are the broadcast operand there).
+    assert schedules(graph, layout="channel") == {"conv2d_relu_0": (4, 4)}
     assert schedules(graph, target="cuda", arch="sm_90") == {"conv2d_relu_0": (8, 1)}
 
 

@@ -217,8 +217,9 @@ def test_tile_prints_the_schedules_it_picks() -> None:
 
 
 @pytest.mark.parametrize(("options", "schedules"), [
+    # The channel layout's conv: 2 padded input channels, so its 3x3 window is unrolled.
     (Options(layout="channel"), [
-        "oc_block=1 x_block=3 unroll_max=0 gpu_threads=128 gpu_batch_inner=False "
+        "oc_block=1 x_block=3 unroll_max=3 gpu_threads=128 gpu_batch_inner=False "
         "gpu_shared_tiles=False",
         UNTILED, UNTILED]),
     (CUDA, [

@@ -92,7 +92,8 @@ def test_the_decision_weighs_flops_at_the_peak_against_the_barrier(zoo_dir: Path
     assert split.describe(lowered, split.plan_stages(graph, lowered, 2, 100.0, 1.0)) == (
         "stage 0: pack_input, conv2d_relu_0 x1\n"  # 411 kFLOP: too small
         "stage 1: conv2d_relu_maxpool2d_1 x2\n"  # 21 MFLOP
-        "stage 2: dense_relu_2, dense_3, unpack_output_0 x1")  # no row or channel loop
+        "stage 2: dense_relu_2 x2\n"  # 2.4 MFLOP, in 4 channel blocks (its weights stream)
+        "stage 3: dense_3, unpack_output_0 x1")  # dense_3: one channel block
     assert split.plan_stages(graph, lowered, 2, 100.0, 1000.0) == []  # a dear barrier
 
 

@@ -195,23 +195,14 @@ def test_what_winograd_does_not_compute_stays_direct(zoo: Path) -> None:
         "conv2d_add_relu_global_avgpool2d_8": 0, "dense_9": 0}
 
 
-@pytest.mark.parametrize(("layout", "isa", "expected"), [
-    # AVX-512 (32 registers: 8 accumulators): the 128-channel convolutions by F(2x2), a tile
-    # of 4 channel vectors.
-    ("channel", CpuIsa(16, 32), {"conv2d_relu_4": (2, 4), "conv2d_relu_maxpool2d_5": (2, 4)}),
-    # AVX2 (16 registers: 4 accumulators, 8 lanes): 32 channels make 4 vectors already.
-    ("channel", CpuIsa(8, 16), {"conv2d_relu_0": (2, 2), "conv2d_relu_maxpool2d_1": (2, 2),
-                                "conv2d_relu_2": (2, 2), "conv2d_relu_maxpool2d_3": (2, 2),
-                                "conv2d_relu_4": (2, 2), "conv2d_relu_maxpool2d_5": (2, 2)}),
-    ("batch", CpuIsa(16, 32), {}),  # measured slower in every kernel of the batch layout
+@pytest.mark.parametrize(("layout", "isa"), [
+    ("channel", CpuIsa(16, 32)),  # the direct 4 x 4 tile ran 2x faster than F(2x2) at 4 x 1
+    ("channel", CpuIsa(8, 16)),
+    ("batch", CpuIsa(16, 32)),  # measured slower in every kernel of the batch layout
 ])
-def test_the_heuristic_picks_winograd_from_the_target(zoo: Path, layout: str, isa: CpuIsa,
-                                                      expected: dict[str, tuple[int, int]]
-                                                      ) -> None:
+def test_the_heuristic_keeps_cpu_kernels_direct(zoo: Path, layout: str, isa: CpuIsa) -> None:
     graph = run_pipeline(cnnc.load(zoo / "vgg_bn.yaml"), Options(layout=layout, cpu=isa))
-    picked = {group.name: (group.schedule.winograd, group.schedule.oc_block)
-              for group in graph.plan.groups if group.schedule.winograd}
-    assert picked == expected
+    assert all(group.schedule.winograd == 0 for group in graph.plan.groups)
 
 
 def test_the_heuristic_keeps_gpu_kernels_direct(zoo: Path) -> None:

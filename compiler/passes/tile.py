@@ -37,6 +37,9 @@ GPU_UNROLL_MAX = 8  # reduction loops up to this long are fully unrolled on the 
 GPU_MIN_POINTS = 64  # threads wanted per image, so that a small batch still fills warps
 GPU_MAX_BLOCK = 256
 WINOGRAD_TILES = (2, 4)  # F(2x2,3x3) and F(4x4,3x3); 0 is the direct convolution
+STREAMED_WEIGHT_BYTES = 1 << 20  # a dense layer's weights past this stream from memory
+DENSE_CHANNEL_BLOCKS = 4  # channel blocks kept by such a layer, for batch 1's threads
+FEW_INPUT_CHANNELS = 4  # a channel-layout conv this narrow unrolls its padded window
 
 
 def tile(graph: Graph, options: Options) -> Graph:
@@ -71,8 +74,12 @@ def tile(graph: Graph, options: Options) -> Graph:
             picked = _pointwise_schedule(graph, group, picked, layout, options.cpu)
         elif options.cpu is not None and is_broadcast_conv(graph, producer, layout):
             picked = _broadcast_schedule(graph, group, picked, channels, layout, options.cpu)
-        elif options.cpu is not None and winograd_tiles(graph, group):
-            picked = _winograd_schedule(graph, group, picked, layout, options.cpu)
+        elif options.cpu is not None and layout.kind == "channel" \
+                and graph.op(producer) == "conv2d":
+            picked = _channel_conv_schedule(graph, group, picked, layout, options.cpu)
+        elif options.cpu is not None and layout.kind == "channel" \
+                and graph.op(producer) == "dense":
+            picked = _channel_dense_schedule(graph, group, picked, layout, options.cpu)
         facts = kernel_facts(graph, group)
         kernels.append(facts)
         # Overrides: for every kernel ("*"), by name, then a tuned record for exactly this
@@ -248,24 +255,64 @@ def pool_factor(graph: Graph, group: Group) -> int:
     return int(kh)
 
 
-def _winograd_schedule(graph: Graph, group: Group, picked: Schedule, layout: Layout,
-                       cpu: CpuIsa) -> Schedule:
-    """Winograd where it was measured faster (docs/performance.md, "Winograd"). Inside one
-    fused kernel each input channel's transformed patch serves only the register tile's
-    output channels, so it pays where that tile is wide: in the channel layout, with at
-    least `cpu.accumulators` channel vectors (128 channels with AVX-512), a tile of half as
-    many. F(2x2) only: F(4x4) was faster still on some kernels, but its rounding error
-    left rtol=1e-4, atol=1e-5 on convolutions of O(1) weights (schedule files and `cnnc
-    tune`, which checks results, may pick it). Every kernel of the batch layout measured
-    was slower by Winograd: the direct convolution stays."""
+def _channel_conv_schedule(graph: Graph, group: Group, picked: Schedule, layout: Layout,
+                           cpu: CpuIsa) -> Schedule:
+    """A convolution in the channel layout (neither depthwise nor 1x1): a tile of `oc_block`
+    channel vectors by `x_block` points of a row loads oc_block weight vectors and x_block
+    broadcast inputs per tap for oc_block x x_block FMAs. The weights of a block of channels
+    (oc_block x 64 B per input channel and tap: 147-295 KB for 128 input channels) pass L1
+    and stream from L2 once per tile, so the tile is the one with the most FMAs per load,
+    then the most points, among those whose accumulators fit `cpu.broadcast_tile` (the
+    inputs are the broadcast operand here). Measured on vgg_bn at batch 1 (AVX-512): the
+    64->128 and 128->128 convolutions on 8x8 at 4 x 4 run at 80 % of the peak, 38 % at the
+    8 x 1 that filling the channels first gave, 35-55 % by Winograd F(2x2); the heuristic
+    no longer picks Winograd (schedule files and `cnnc tune` still may)."""
+    rows = _tiled_rows(graph, group) if row_tiles_fit(graph, group) else 1
     steps = layout.channel_steps(graph.shape(group.producer)[0])
-    if layout.kind != "channel" or steps < cpu.accumulators:
-        return picked
-    tile = 2
-    if tile not in winograd_tiles(graph, group):
-        return picked
-    oc_block = _largest_divisor(steps, max(1, cpu.accumulators // 2))
-    return picked.replace(winograd=tile, oc_block=oc_block, x_block=1)
+    window = group.window
+    whole_image = window is not None \
+        and ops.OPS[graph.op(window)].window.whole_image  # type: ignore[union-attr]
+    best = (1, 1)
+    for oc_block in _divisors(steps):
+        for x_block in _divisors(rows):
+            # A whole-image pooling keeps one sum per channel vector in a register as well.
+            registers = oc_block * x_block + (oc_block if whole_image else 0)
+            if registers > cpu.broadcast_tile:
+                continue
+            if _per_load_points(oc_block, x_block) > _per_load_points(*best):
+                best = (oc_block, x_block)
+    attrs = graph.attrs(group.producer)
+    kh, kw = attrs["kernel_size"]
+    per_group_in = graph.shape(graph.operands(group.producer)[0])[0] // attrs["groups"]
+    # With few input channels and padded columns the rolled window loops were the slow part
+    # (measured: NiN's 3->32 5x5 at 2 x 8, 49 % of the peak rolled, 83 % unrolled; without
+    # padding, LeNet's 1->6 5x5 lost by unrolling).
+    few = per_group_in <= FEW_INPUT_CHANNELS and attrs["groups"] == 1 \
+        and any(attrs["padding"][1])
+    return picked.replace(oc_block=best[0], x_block=best[1],
+                          unroll_max=max(kh, kw) if few else picked.unroll_max)
+
+
+def _per_load_points(oc_block: int, x_block: int) -> tuple[float, int]:
+    """FMAs per load of a channel-layout tile, then the more points (fewer weight streams)."""
+    return (oc_block * x_block / (oc_block + x_block), x_block)
+
+
+def _channel_dense_schedule(graph: Graph, group: Group, picked: Schedule, layout: Layout,
+                            cpu: CpuIsa) -> Schedule:
+    """A dense layer in the channel layout: at batch 1 its weights are read once, so past
+    STREAMED_WEIGHT_BYTES (more than most cores' L2) it runs at the memory's speed, far
+    below the FMA pipes' (mnist_cnn's 9216->128, 4.7 MB: 6 % of the peak). Such a layer
+    keeps DENSE_CHANNEL_BLOCKS blocks of channels where its units allow, so that batch 1
+    on several threads can share them out (`backends/llvm/split.py`: each core streams its
+    share; `lower.anchors.dense` stores each block's weights contiguously). Each output's
+    sum runs over the features in the same order whatever the block: the same bits."""
+    steps = layout.channel_steps(graph.shape(group.producer)[0])
+    oc_block = _largest_divisor(steps, cpu.accumulators)
+    params = graph.params(group.producer)
+    if params["weight"].size * 4 > STREAMED_WEIGHT_BYTES:
+        oc_block = _largest_divisor(steps, max(1, min(oc_block, steps // DENSE_CHANNEL_BLOCKS)))
+    return picked.replace(oc_block=oc_block, x_block=1)
 
 
 def _per_load(oc_block: int, x_block: int) -> tuple[float, int, int]:
