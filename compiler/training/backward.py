@@ -40,6 +40,7 @@ def backward(plan: Builder, output: str, grad_output: int
     contributions: dict[str, list[int]] = {output: [grad_output]}
     items: list[Launch | WholeBatch] = []
     jobs: list[Launch | WholeBatch] = []
+    inline: dict[str, tuple[str, dict, list[int]]] = {}  # batch norm -> the activation after it
 
     def grads_of(key: str) -> Place:
         return Place("global", plan.grads_offset + plan.params[key][0])
@@ -67,6 +68,11 @@ def backward(plan: Builder, output: str, grad_output: int
                     contributions.setdefault(operand, []).append(grad)
             continue
         source = operands[0]
+        if op not in WITH_KERNELS and plan.after.get(source) == [name]:
+            # the activation's rule runs inside batch norm's backward kernels
+            inline[source] = (op, attrs, parts)
+            contributions[source] = [grad]
+            continue
         in_shape = graph.shape(source)
         gx = plan.block.take(math.prod(in_shape) * width) if source in needs else None
         places = {"g": Place("block", grad), "x": plan.tensor(source), "y": plan.tensor(name)}
@@ -102,7 +108,7 @@ def backward(plan: Builder, output: str, grad_output: int
                                                      in_shape, shape, weight, width)
                 items.append(plan.launch(kernel, places))
         elif op == "batchnorm2d":
-            items += _batchnorm(plan, name, shape, x_offset, grad, places, grads_of)
+            items += _batchnorm(plan, name, shape, places, grads_of, inline.get(name))
         elif gx is None:
             continue
         elif op in ("avgpool2d", "maxpool2d", "global_avgpool2d"):
@@ -190,25 +196,39 @@ def _by_phases(plan: Builder, name: str, attrs: dict, in_shape: tuple[int, ...],
     return items
 
 
-def _batchnorm(plan: Builder, name: str, shape: tuple[int, ...], x_offset: int, grad: int,
-               places: dict[str, Place], grads_of: Callable[[str], Place]
+def _batchnorm(plan: Builder, name: str, shape: tuple[int, ...], places: dict[str, Place],
+               grads_of: Callable[[str], Place],
+               activation: tuple[str, dict, list[int]] | None = None
                ) -> list[Launch | WholeBatch]:
-    """The sums of g and g * x^ over the batch (the bias's and the weight's gradients) in a
-    whole-batch stage, then x's gradient per block."""
+    """The sums of g and g * x^ over the batch (the bias's and the weight's gradients): each
+    block's share right after its g is made, the shares added in a whole-batch stage; then
+    x's gradient per block. With `activation` (op, attrs, its gradient's parts), g is that
+    activation's input gradient, which both kernels compute from its parts as they go."""
     width = plan.width
     shared = {"stats": Place("global", plan.stats[name]),
               "grad_weight": grads_of(f"{name}.weight"), "grad_bias": grads_of(f"{name}.bias")}
+    inputs = {"x": places["x"], "g": places["g"], "stats": shared["stats"],
+              "weight": plan.param(f"{name}.weight"), "bias": plan.param(f"{name}.bias")}
+    rule = None
+    if activation is not None:
+        op, attrs, parts = activation
+        rule = (op, attrs, len(parts))
+        inputs.pop("g")
+        inputs |= {f"c{index}": Place("block", part) for index, part in enumerate(parts)}
+    part = plan.block.take(2 * shape[0] * width)
+    sums = batchnorm.block_gradient_sums(plan.fresh("bn_part"), name, shape, width, rule)
 
     def make(blocks: int, block_floats: int) -> tuple[Kernel, int, dict[str, Place]]:
         kernel = batchnorm.reduce_gradient(plan.fresh("bn_sums"), name, shape, width, blocks,
-                                           block_floats, x_offset, grad)
+                                           block_floats, part)
         return kernel, shape[0], shared
 
-    items: list[Launch | WholeBatch] = [WholeBatch(make)]
+    items: list[Launch | WholeBatch] = [
+        plan.launch(sums, {**inputs, "part": Place("block", part)}), WholeBatch(make)]
     if "gx" in places:
-        kernel = batchnorm.input_gradient(plan.fresh("bn_grad"), name, shape, width)
+        kernel = batchnorm.input_gradient(plan.fresh("bn_grad"), name, shape, width, rule)
         items.append(plan.launch(kernel, {
-            **places, **shared, "weight": plan.param(f"{name}.weight"), "hyper": plan.hyper,
+            **inputs, **shared, "gx": places["gx"], "hyper": plan.hyper,
             "valid": Place("block", plan.valid_offset)}))
     return items
 

@@ -188,6 +188,7 @@ class Builder:
         self.constants: list[tuple[int, np.ndarray]] = []
         self.number = 0
         self.stats: dict[str, int] = {}  # batchnorm layer -> its batch statistics (global)
+        self.after: dict[str, list[str]] = {}  # batchnorm layer -> the nodes its kernel computes
         self.masks: dict[str, int] = {}  # dropout layer -> its mask (in each block)
         self.tensors: dict[str, int] = {}  # forward tensor -> offset in each block
         self.prepare: list[Launch] = []  # once at the start of a step
@@ -331,12 +332,17 @@ class Builder:
         self.stats[layer] = self.glob.take(2 * shape[0])
         places["stats"] = Place("global", self.stats[layer])
         places["hyper"] = self.hyper
-        x_offset = self.tensor(source).offset
         momentum = attrs.get("momentum", BATCHNORM_MOMENTUM)
+        # each block's share of the statistics while its x is in cache, merged in a stage
+        part = self.block.take(3 * shape[0] * self.width)
+        shares = self.launch(batchnorm.block_statistics(self.fresh("bn_part"), layer, shape,
+                                                        self.width),
+                             {"x": places["x"], "valid": Place("block", self.valid_offset),
+                              "part": Place("block", part)})
 
         def make(blocks: int, block_floats: int) -> tuple[Kernel, int, dict[str, Place]]:
             kernel = batchnorm.statistics(self.fresh("bn_stats"), layer, shape, attrs["eps"],
-                                          momentum, self.width, blocks, block_floats, x_offset,
+                                          momentum, self.width, blocks, block_floats, part,
                                           self.valid_offset)
             return kernel, shape[0], places
 
@@ -349,9 +355,10 @@ class Builder:
             steps.append((self.graph.op(node), self.graph.attrs(node), len(others)))
             previous = node
         places["y"] = self.tensor(previous)
+        self.after[layer] = list(then or [])
         kernel = batchnorm.normalise(self.fresh("bn"), layer, shape, self.width, steps)
         kernel.layers = [layer, *(then or [])]
-        return [WholeBatch(make), self.launch(kernel, places)]
+        return [shares, WholeBatch(make), self.launch(kernel, places)]
 
     def _dropout(self, layer: str) -> Launch:
         floats = math.prod(self.graph.shape(layer))
