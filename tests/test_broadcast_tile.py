@@ -55,6 +55,10 @@ def kernel_text(graph: Graph, cpu: CpuIsa = AVX512) -> str:
     (conv_net(1, 32, 28), AVX512, (8, 2)),
     # AVX2's 16 registers give 8 accumulators.
     (conv_net(16, 16, 16, padding=1), AVX2, (4, 2)),
+    # Padded by 4 on a row of 10 (LeNet's input gradient of its 5x5 conv): most tiles check
+    # taps, so at most 2 points; 2 x 7 would have the most FMAs per load.
+    (build_graph((16, 10, 10), [("conv", "conv2d", ["input"], {
+        "out_channels": 6, "kernel_size": 5, "padding": 4})]), AVX512, (6, 2)),
 ])
 def test_a_batch_convolution_takes_a_channels_by_points_tile(graph: Graph, cpu: CpuIsa,
                                                               picked: tuple[int, int]) -> None:

@@ -33,6 +33,7 @@ from cnnc.util import ceil_div
 
 GPU_MAX_OUTPUTS_PER_THREAD = 8  # accumulators per thread: registers stay well under 64
 GPU_DENSE_OUTPUTS_PER_THREAD = 4  # a dense thread also keeps its input row's address live
+HEAVY_PADDING_X_BLOCK = 2  # points a row's tile takes where the padding is heavy
 GPU_UNROLL_MAX = 8  # reduction loops up to this long are fully unrolled on the GPU
 GPU_MIN_POINTS = 64  # threads wanted per image, so that a small batch still fills warps
 GPU_MAX_BLOCK = 256
@@ -194,8 +195,14 @@ def _broadcast_schedule(graph: Graph, group: Group, picked: Schedule, channels: 
     FMA pipes. So the tile is the one with the most FMAs per load among those whose
     accumulators fit the registers (`cpu.broadcast_tile`: 4 x 4 with AVX-512), a fused
     pooling window's row counting as its points (`window_rows_tiled`). Measured on the
-    zoo's 3x3 convolutions at batch 64: 80-95 % of the peak, 60-73 % at 8 x 1."""
+    zoo's 3x3 convolutions at batch 64: 80-95 % of the peak, 60-73 % at 8 x 1. Where the
+    padding of a row is half its input or more (the input gradient of a 5x5 convolution of
+    a 10x10 image, padded by 4) nearly every tile of a row reaches into it and checks its
+    taps: there at most HEAVY_PADDING_X_BLOCK points (LeNet's: 2 x 7 ran at 43 %, 6 x 2 at
+    76 %)."""
     rows = _tiled_rows(graph, group) if row_tiles_fit(graph, group) else 1
+    if _heavily_padded(graph, group.producer):
+        rows = _largest_divisor(rows, HEAVY_PADDING_X_BLOCK)
     across = pool_factor(graph, group) if window_rows_tiled(graph, group, layout) else 1
     best = (1, 1)
     for oc_block in _divisors(channels):
@@ -206,6 +213,12 @@ def _broadcast_schedule(graph: Graph, group: Group, picked: Schedule, channels: 
             if _per_load(oc_block, points) > _per_load(best[0], best[1] * across):
                 best = (oc_block, x_block)
     return picked.replace(oc_block=best[0], x_block=best[1])
+
+
+def _heavily_padded(graph: Graph, name: str) -> bool:
+    """Whether conv `name` pads its rows by half their width or more, left and right."""
+    (_, _), (left, right) = graph.attrs(name)["padding"]
+    return 2 * (left + right) >= graph.shape(graph.operands(name)[0])[2]
 
 
 def row_tiles_fit(graph: Graph, group: Group) -> bool:
