@@ -118,6 +118,24 @@ def test_a_dense_layer_that_streams_its_weights_is_split_for_the_memory() -> Non
     assert split.plan_stages(graph, lowered, 2, fast, 1000.0, memory_gbps=20.0) == []
 
 
+def test_a_split_kernel_is_compiled_once_in_place_of_the_whole(zoo_dir: Path) -> None:
+    """The channel variant's runner runs the split kernel's shares in turn: the whole
+    kernel is not compiled beside it (a third less IR to build), and the bits are those of
+    one thread at batch 1 and 5."""
+    graph = cnnc.load(zoo_dir / "mnist_cnn.yaml")
+    two, one = cnnc.compile(graph, threads=2), cnnc.compile(graph, threads=1)
+    defined = [line.split("@", 1)[1].split("(", 1)[0].strip('"')
+               for line in two.source("ll").splitlines() if line.startswith("define")]
+    channel = [name for name in defined if name.startswith("cnnc_run_channel.")]
+    assert channel == ["cnnc_run_channel." + name for name in (
+        "pack_input", "conv2d_relu_0", "conv2d_relu_maxpool2d_1_part_of_2",
+        "dense_relu_2_part_of_2", "dense_3", "unpack_output_0")]
+    rng = np.random.default_rng(0)
+    for batch in (1, 5):
+        x = rng.normal(0, 1, (batch, *graph.input_shape)).astype(np.float32)
+        np.testing.assert_array_equal(two(x), one(x))
+
+
 def test_lenet_sized_kernels_are_not_worth_a_barrier() -> None:
     graph, lowered = lowered_of(cnnc.load(EXAMPLES / "lenet.yaml"))
     assert split.plan_stages(graph, lowered, 2, 100.0, 1.0) == []

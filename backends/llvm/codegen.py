@@ -106,26 +106,29 @@ class ModuleBuilder:
         return variable.bitcast(F32_PTR)
 
     def add_run_blocks(self, name: str, launches: list[tuple[str, list[PointerOf]]],
-                       profiled: bool = True) -> ir.Function:
+                       profiled: bool = True, shares: dict[str, int] | None = None
+                       ) -> ir.Function:
         """`name(x, y, batch, first, end, arena)`: every kernel, block by block; and, for
         profiling (unless not `profiled`), `name_kernel(which, x, y, batch, first, end,
         arena)`: kernel `which` alone.
 
         `launches` pairs each kernel's symbol with one function per argument that computes
-        its pointer from the entry's arguments (`x`, `y`, `arena`) and the `block`."""
-        function = self._block_loop(name, launches, None)
+        its pointer from the entry's arguments (`x`, `y`, `arena`) and the `block`. A kernel
+        in `shares` is a split kernel (`split.split_kernel`): it runs once per share, the
+        share as its block argument, for each block."""
+        function = self._block_loop(name, launches, None, shares or {})
         if profiled:
-            self._block_loop(f"{name}_kernel", launches, I64)
+            self._block_loop(f"{name}_kernel", launches, I64, shares or {})
         return function
 
     def add_stage(self, name: str, launches: list[tuple[str, list[PointerOf]]]) -> ir.Function:
         """`name(x, y, batch, first, end, arena)`: a stage of a one-block call on the thread
         pool (`split`), whose kernels run for each item in [first, end), getting the item as
         their `block` argument: a split kernel's share, 0 for the others."""
-        return self._block_loop(name, launches, None)
+        return self._block_loop(name, launches, None, {})
 
     def _block_loop(self, name: str, launches: list[tuple[str, list[PointerOf]]],
-                    selector: ir.Type | None) -> ir.Function:
+                    selector: ir.Type | None, shares: dict[str, int]) -> ir.Function:
         names = ("x", "y", "batch", "first", "end", "arena")
         arg_types = ((selector,) if selector else ()) + RUN_BLOCKS_ARGS
         function = ir.Function(self.module, ir.FunctionType(I32, arg_types), name=name)
@@ -145,12 +148,17 @@ class ModuleBuilder:
         builder.position_at_end(body)
         for index, (symbol, pointers) in enumerate(launches):
             values = [pointer(builder, {**args, "block": block}) for pointer in pointers]
+            calls = [[*values, ir.Constant(I64, share), args["batch"]]
+                     for share in range(shares[symbol])] if symbol in shares else \
+                [[*values, block, args["batch"]]]
             if selector is None:
-                builder.call(self.functions[symbol], [*values, block, args["batch"]])
+                for arguments in calls:
+                    builder.call(self.functions[symbol], arguments)
                 continue
             chosen = builder.icmp_signed("==", function.args[0], ir.Constant(I64, index))
             with builder.if_then(chosen):
-                builder.call(self.functions[symbol], [*values, block, args["batch"]])
+                for arguments in calls:
+                    builder.call(self.functions[symbol], arguments)
         builder.store(builder.add(block, ir.Constant(I64, 1)), counter)
         builder.branch(header)
         builder.position_at_end(done)

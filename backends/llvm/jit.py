@@ -154,40 +154,53 @@ def build_module(name: str, variants: list[Variant],
                             check_bounds)
     for variant in variants:
         launches: list[tuple[str, list[PointerOf]]] = []
-        for kernel in variant.lowered.kernels:
+        # A kernel that a stage splits is compiled once, split: the variant's runner runs
+        # every share of it in turn, the stage one share per item.
+        parts = dict(_split_parts(variant)) if param_offsets is not None else {}
+        shares: dict[str, int] = {}
+        for index, kernel in enumerate(variant.lowered.kernels):
             symbol = symbol_of(variant, kernel, variants)
-            builder.add_kernel(kernel, symbol)
-            launches.append(_launch(variant, kernel, symbol))
-        builder.add_run_blocks(variant.runner, launches)
+            if index not in parts:
+                builder.add_kernel(kernel, symbol)
+                launches.append(_launch(variant, kernel, symbol))
+                continue
+            assert param_offsets is not None
+            part, items = parts[index]
+            part_symbol = symbol_of(variant, part, variants)
+            for buffer in part.buffers:
+                if buffer.role == "param" and buffer.data is not None:
+                    param_offsets[f"{part_symbol}.{buffer.name}"] = \
+                        param_offsets[f"{symbol}.{buffer.name}"]
+            builder.add_kernel(part, part_symbol)
+            launches.append(_launch(variant, part, part_symbol, kernel.name))
+            shares[part_symbol] = items
+        builder.add_run_blocks(variant.runner, launches, shares=shares)
     if param_offsets is not None:
         for variant in variants:
-            _add_stages(builder, variant, variants, param_offsets)
+            _add_stages(builder, variant, variants)
     return builder
 
 
-def _add_stages(builder: ModuleBuilder, variant: Variant, variants: list[Variant],
-                param_offsets: dict[str, int]) -> None:
-    # `param_offsets` is the builder's: a split kernel's entries must be there when added.
-    """The split kernels of `variant` (reading the parameters of the kernels they split) and
-    its stage runners."""
+def _split_parts(variant: Variant) -> list[tuple[int, tuple[Kernel, int]]]:
+    """(kernel index, (its split kernel, shares)) for each kernel a stage of `variant` splits."""
+    return [(stage.kernels[0], (part, stage.items)) for stage, part in
+            zip([stage for stage in variant.stages if stage.items > 1], split_kernels(variant))]
+
+
+def _add_stages(builder: ModuleBuilder, variant: Variant, variants: list[Variant]) -> None:
+    """The stage runners of `variant`: a split stage runs the split kernel that
+    `build_module` compiled in place of the whole one, one share per item."""
     kernels = variant.lowered.kernels
-    parts = iter(split_kernels(variant))
+    parts = dict(_split_parts(variant))
     for number, stage in enumerate(variant.stages):
         launches = []
         for index in stage.kernels:
             kernel = kernels[index]
             bound = kernel.name
-            symbol = symbol_of(variant, kernel, variants)
             if stage.items > 1:
-                whole = symbol
-                kernel = next(parts)
-                symbol = symbol_of(variant, kernel, variants)
-                for buffer in kernel.buffers:
-                    if buffer.role == "param" and buffer.data is not None:
-                        param_offsets[f"{symbol}.{buffer.name}"] = \
-                            param_offsets[f"{whole}.{buffer.name}"]
-                builder.add_kernel(kernel, symbol)
-            launches.append(_launch(variant, kernel, symbol, bound))
+                kernel = parts[index][0]
+            launches.append(_launch(variant, kernel, symbol_of(variant, kernel, variants),
+                                    bound))
         builder.add_stage(stage_symbol(variant, number), launches)
 
 
