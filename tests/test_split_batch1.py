@@ -16,7 +16,7 @@ import pytest
 from conftest import CASES, EXAMPLES, GOLDEN, as_list
 
 import cnnc
-from cnnc.backends.llvm import split
+from cnnc.backends.llvm import jit, split
 
 ZOO = EXAMPLES / "zoo"
 ZOO_MODELS = ["vgg_bn", "resnet8", "nin", "mnist_cnn", "mobilenet"]
@@ -130,6 +130,10 @@ def test_a_split_kernel_is_compiled_once_in_place_of_the_whole(zoo_dir: Path) ->
     assert channel == ["cnnc_run_channel." + name for name in (
         "pack_input", "conv2d_relu_0", "conv2d_relu_maxpool2d_1_part_of_2",
         "dense_relu_2_part_of_2", "dense_3", "unpack_output_0")]
+    # the bounds check names a kernel by its number in that order
+    kernels = [name for name in defined if not name.startswith("cnnc_run_")
+               or "." in name]
+    assert jit.kernel_symbols(two._jit_variants) == kernels
     rng = np.random.default_rng(0)
     for batch in (1, 5):
         x = rng.normal(0, 1, (batch, *graph.input_shape)).astype(np.float32)

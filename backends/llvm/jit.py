@@ -119,11 +119,15 @@ def pack_params(variants: list[Variant]) -> tuple[np.ndarray, dict[str, int]]:
 
 
 def kernel_symbols(variants: list[Variant]) -> list[str]:
-    """Every kernel's symbol, in the order `build_module` adds (and numbers) them."""
-    return [symbol_of(variant, kernel, variants)
-            for variant in variants for kernel in variant.lowered.kernels] + \
-        [symbol_of(variant, kernel, variants) for variant in variants
-         for kernel in split_kernels(variant)]
+    """Every kernel's symbol, in the order `build_module` adds (and numbers) them when it
+    places the parameters (a JIT module: a split kernel in place of the whole one)."""
+    symbols = []
+    for variant in variants:
+        parts = dict(_split_parts(variant))
+        for index, kernel in enumerate(variant.lowered.kernels):
+            symbols.append(symbol_of(variant, parts[index][0] if index in parts else kernel,
+                                     variants))
+    return symbols
 
 
 def fingerprint(variants: list[Variant], params: np.ndarray) -> list[str | bytes]:
