@@ -31,11 +31,12 @@ class ModuleBuilder:
     """One LLVM module holding the kernels of a model and its entry points."""
 
     def __init__(self, name: str, triple: str = "", data_layout: str = "",
-                 param_offsets: dict[str, int] | None = None, check_bounds: bool = False
-                 ) -> None:
+                 param_offsets: dict[str, int] | None = None, check_bounds: bool = False,
+                 external_globals: bool = False) -> None:
         """With `param_offsets` ("<symbol>.<buffer>" -> float offset), parameters are read
         at run time from the array that the global `cnnc.params` points to, instead of being
-        embedded: the IR stays small and the JIT fast. Without, they are embedded."""
+        embedded: the IR stays small and the JIT fast. Without, they are embedded. With
+        `external_globals` that global and the bounds flag are another module's."""
         self.module = ir.Module(name=name)
         self.param_offsets = param_offsets
         self.kernel_count = 0
@@ -44,11 +45,13 @@ class ModuleBuilder:
             # Debug mode: every access checks its index; a bad one is redirected to element 0
             # and recorded here for the caller, instead of touching memory it must not.
             self.bounds_global = ir.GlobalVariable(self.module, I32, name=BOUNDS_GLOBAL)
-            self.bounds_global.initializer = ir.Constant(I32, 0)
+            if not external_globals:
+                self.bounds_global.initializer = ir.Constant(I32, 0)
         self.params_global: ir.GlobalVariable | None = None
         if param_offsets is not None:
             self.params_global = ir.GlobalVariable(self.module, F32_PTR, name=PARAMS_GLOBAL)
-            self.params_global.initializer = ir.Constant(F32_PTR, None)
+            if not external_globals:
+                self.params_global.initializer = ir.Constant(F32_PTR, None)
             self.params_global.align = 8
         if triple:
             self.module.triple = triple

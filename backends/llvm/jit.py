@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,32 +158,64 @@ def build_module(name: str, variants: list[Variant],
     builder = ModuleBuilder(name, machine.triple, str(machine.target_data), param_offsets,
                             check_bounds)
     for variant in variants:
-        launches: list[tuple[str, list[PointerOf]]] = []
-        # A kernel that a stage splits is compiled once, split: the variant's runner runs
-        # every share of it in turn, the stage one share per item.
-        parts = dict(_split_parts(variant)) if param_offsets is not None else {}
-        shares: dict[str, int] = {}
-        for index, kernel in enumerate(variant.lowered.kernels):
-            symbol = symbol_of(variant, kernel, variants)
-            if index not in parts:
-                builder.add_kernel(kernel, symbol)
-                launches.append(_launch(variant, kernel, symbol))
-                continue
-            assert param_offsets is not None
-            part, items = parts[index]
-            part_symbol = symbol_of(variant, part, variants)
-            for buffer in part.buffers:
-                if buffer.role == "param" and buffer.data is not None:
-                    param_offsets[f"{part_symbol}.{buffer.name}"] = \
-                        param_offsets[f"{symbol}.{buffer.name}"]
-            builder.add_kernel(part, part_symbol)
-            launches.append(_launch(variant, part, part_symbol, kernel.name))
-            shares[part_symbol] = items
-        builder.add_run_blocks(variant.runner, launches, shares=shares)
+        _add_variant(builder, variant, variants, param_offsets)
     if param_offsets is not None:
         for variant in variants:
             _add_stages(builder, variant, variants)
     return builder
+
+
+def compile_objects(name: str, variants: list[Variant], param_offsets: dict[str, int],
+                    check_bounds: bool = False) -> list[bytes]:
+    """The JIT module of `build_module` as one object per variant, which `JitLibrary` links:
+    while a worker thread has LLVM optimise and emit one variant's module (llvmlite's calls
+    release the GIL), Python builds the next one's IR. The first module defines the globals
+    the others read; kernels are numbered across the modules as in `kernel_symbols`."""
+    machine = target_machine()
+    offsets = dict(param_offsets)
+    count = 0
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        pending = []
+        for number, variant in enumerate(variants):
+            builder = ModuleBuilder(f"{name}_{number}", machine.triple,
+                                    str(machine.target_data), offsets, check_bounds,
+                                    external_globals=number > 0)
+            builder.kernel_count = count
+            _add_variant(builder, variant, variants, offsets)
+            _add_stages(builder, variant, variants)
+            count = builder.kernel_count
+            pending.append(worker.submit(_object_of, builder.text()))
+        return [future.result() for future in pending]
+
+
+def _object_of(text: str) -> bytes:
+    return emit_object(optimise(text))
+
+
+def _add_variant(builder: ModuleBuilder, variant: Variant, variants: list[Variant],
+                 param_offsets: dict[str, int] | None) -> None:
+    """`variant`'s kernels and runner. A kernel that a stage splits is compiled once, split:
+    the variant's runner runs every share of it in turn, the stage one share per item."""
+    launches: list[tuple[str, list[PointerOf]]] = []
+    parts = dict(_split_parts(variant)) if param_offsets is not None else {}
+    shares: dict[str, int] = {}
+    for index, kernel in enumerate(variant.lowered.kernels):
+        symbol = symbol_of(variant, kernel, variants)
+        if index not in parts:
+            builder.add_kernel(kernel, symbol)
+            launches.append(_launch(variant, kernel, symbol))
+            continue
+        assert param_offsets is not None
+        part, items = parts[index]
+        part_symbol = symbol_of(variant, part, variants)
+        for buffer in part.buffers:
+            if buffer.role == "param" and buffer.data is not None:
+                param_offsets[f"{part_symbol}.{buffer.name}"] = \
+                    param_offsets[f"{symbol}.{buffer.name}"]
+        builder.add_kernel(part, part_symbol)
+        launches.append(_launch(variant, part, part_symbol, kernel.name))
+        shares[part_symbol] = items
+    builder.add_run_blocks(variant.runner, launches, shares=shares)
 
 
 def _split_parts(variant: Variant) -> list[tuple[int, tuple[Kernel, int]]]:
@@ -255,12 +288,14 @@ def emit_assembly(module: llvm.ModuleRef) -> str:
 
 
 class JitLibrary:
-    """Object code loaded into an MCJIT engine; `address(name)` finds a function in it."""
+    """Object code loaded into an MCJIT engine, which links the objects' symbols to each
+    other; `address(name)` finds a function in it."""
 
-    def __init__(self, obj: bytes) -> None:
+    def __init__(self, obj: bytes | list[bytes]) -> None:
         _initialise()
         self.engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), target_machine())
-        self.engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
+        for part in [obj] if isinstance(obj, bytes) else obj:
+            self.engine.add_object_file(llvm.ObjectFileRef.from_data(part))
         self.engine.finalize_object()
 
     def address(self, name: str) -> int:
@@ -280,5 +315,6 @@ class JitLibrary:
         return ctypes.c_int32.from_address(address)
 
 
-__all__ = ["HostTarget", "JitLibrary", "Variant", "build_module", "emit_assembly",
+__all__ = ["HostTarget", "JitLibrary", "Variant", "build_module", "compile_objects",
+           "emit_assembly",
            "emit_object", "host", "optimise"]

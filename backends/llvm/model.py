@@ -122,17 +122,19 @@ class LlvmModel:
                                  jit.host().describe(), __version__,
                                  f"check_bounds={check_bounds}")
         self._ll_text: str | None = None
-        obj = cache.load(self._key) if use_cache else None
-        self.cache_hit = obj is not None
-        if obj is None:
+        stored = cache.load(self._key) if use_cache else None
+        objects = _split(stored) if stored is not None else None
+        self.cache_hit = objects is not None
+        if objects is None:
             try:
-                obj = jit.emit_object(jit.optimise(self._ll))
+                objects = jit.compile_objects(c_name(self.name), self._jit_variants,
+                                              self._param_offsets, check_bounds)
             except RuntimeError as error:
                 raise CompileError("LLVM failed to compile the generated code", str(error)) \
                     from None
             if use_cache:
-                cache.store(self._key, obj)
-        self._library = jit.JitLibrary(obj)
+                cache.store(self._key, _joined(objects))
+        self._library = jit.JitLibrary(objects)
         self._library.set_params(self._params)
         self._bounds_flag = self._library.bounds_flag() if check_bounds else None
         self._plans = {variant.layout: _Plan(variant,
@@ -373,3 +375,21 @@ def _aligned_floats(count: int) -> np.ndarray:
     return raw[start: start + count]
 
 
+
+
+def _joined(objects: list[bytes]) -> bytes:
+    """Objects as one cache entry: each preceded by its length (8 bytes, little-endian)."""
+    return b"".join(len(obj).to_bytes(8, "little") + obj for obj in objects)
+
+
+def _split(stored: bytes) -> list[bytes] | None:
+    """The objects `_joined` made, or None for an entry not in that form (then the model
+    compiles again)."""
+    objects, at = [], 0
+    while at < len(stored):
+        size = int.from_bytes(stored[at: at + 8], "little")
+        if size <= 0 or at + 8 + size > len(stored):
+            return None
+        objects.append(stored[at + 8: at + 8 + size])
+        at += 8 + size
+    return objects or None
