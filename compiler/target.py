@@ -298,20 +298,10 @@ def pool_barrier_us(threads: int, measure: Callable[[], float]) -> float:
     """What one barrier of the LLVM backend's thread pool costs on `threads` threads of this
     CPU, in microseconds: read from the cache or, the first time on this CPU model, taken
     from `measure` (the backend times its pool: this module imports no backend) and stored."""
-    key = f"{cpu_model_name()} | {os.cpu_count()} cpus | {threads} threads"
-    if key in _BARRIERS:
-        return _BARRIERS[key]
-    cached = _read_facts(BARRIER_FILE).get(key)
-    if not isinstance(cached, float):
-        cached = float(measure())
-        facts = _read_facts(BARRIER_FILE)
-        facts[key] = cached
-        _write_facts(BARRIER_FILE, facts)
-    _BARRIERS[key] = cached
-    return cached
+    return _measured_fact(BARRIER_FILE, f"{cpu_model_name()} | {os.cpu_count()} cpus | "
+                          f"{threads} threads", measure)
 
 
-_BARRIERS: dict[str, float] = {}
 MEMORY_FILE = "memory-bandwidth.json"  # in the cache directory: {cpu key: GB/s}
 
 
@@ -319,20 +309,26 @@ def memory_gbps(measure: Callable[[], float]) -> float:
     """How fast one core of this CPU streams data from main memory, in GB/s: read from the
     cache or, the first time on this CPU model, taken from `measure` and stored. What a
     kernel whose weights do not fit in the caches (a big dense layer at batch 1) is bound by."""
-    key = f"{cpu_model_name()} | {os.cpu_count()} cpus"
-    if key in _BANDWIDTHS:
-        return _BANDWIDTHS[key]
-    cached = _read_facts(MEMORY_FILE).get(key)
+    return _measured_fact(MEMORY_FILE, f"{cpu_model_name()} | {os.cpu_count()} cpus",
+                          measure)
+
+
+def _measured_fact(name: str, key: str, measure: Callable[[], float]) -> float:
+    """Fact `key` of the cache directory's file `name`: from this process's memo, else the
+    file, else `measure` (then stored in both)."""
+    if (name, key) in _FACTS:
+        return _FACTS[name, key]
+    cached = _read_facts(name).get(key)
     if not isinstance(cached, float):
         cached = float(measure())
-        facts = _read_facts(MEMORY_FILE)
+        facts = _read_facts(name)
         facts[key] = cached
-        _write_facts(MEMORY_FILE, facts)
-    _BANDWIDTHS[key] = cached
+        _write_facts(name, facts)
+    _FACTS[name, key] = cached
     return cached
 
 
-_BANDWIDTHS: dict[str, float] = {}
+_FACTS: dict[tuple[str, str], float] = {}  # (file, key) -> value, once read in this process
 
 
 def _read_facts(name: str) -> dict[str, Any]:

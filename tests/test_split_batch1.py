@@ -186,7 +186,7 @@ def test_the_barrier_is_measured_once_per_cpu(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     # a cache of its own: another test (or run) may have measured 3 threads already
     monkeypatch.setenv("CNNC_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(cnnc.target, "_BARRIERS", {})
+    monkeypatch.setattr(cnnc.target, "_FACTS", {})
     calls: list[int] = []
 
     def measure() -> float:

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import pytest
 from conftest import LENET_8X8, agree
 from conftest import build_graph as build
 from numpy.testing import assert_allclose
-from test_training_compiled import NORMALISED, VARIETY, batch
+from test_training_compiled import NORMALISED, VARIETY, _with, batch
 
 import cnnc
 from cnnc.backends.cuda import nvrtc
@@ -61,16 +60,7 @@ def test_cuda_sim_batchnorm_and_dropout_train_as_the_reference() -> None:
     for key, value in expected.buffers.items():  # the running statistics
         agree(trainer.parameters()[key], value, key)
     scores = trainer.scores(x)  # eval mode, through the evaluate stages
-    agree(scores, _eval_reference(graph, trainer.parameters(), x), "eval scores")
-
-
-def _eval_reference(graph: cnnc.Graph, params: dict[str, np.ndarray], x: np.ndarray
-                    ) -> np.ndarray:
-    other = graph.copy()
-    for key, value in params.items():
-        layer, name = key.rsplit(".", 1)
-        other.params(layer)[name] = value
-    return np.asarray(cnnc.reference(other, x))
+    agree(scores, cnnc.reference(_with(graph, trainer.parameters()), x), "eval scores")
 
 
 @pytest.mark.parametrize("optimizer", [SGD(lr=0.1, momentum=0.9, weight_decay=1e-3),

@@ -119,6 +119,16 @@ class _Builder:
         self.current = name
         return True
 
+    def grow(self) -> None:
+        """Add 1 to 7 layers (as many as a few tries per layer give), else at least a relu."""
+        wanted = int(self.rng.integers(1, 8))
+        for _ in range(wanted * 6):
+            if len(self.layers) >= wanted:
+                break
+            self.step()
+        if not self.layers:
+            self.try_add("relu", [INPUT], {})
+
     def step(self) -> None:
         rng = self.rng
         rank = len(self.shape(self.current))
@@ -229,13 +239,7 @@ def generate(seed: int, index: int) -> Case:
     if rng.random() < 0.7:
         height, width = max(height, 5), max(width, 5)
     builder = _Builder(rng, (channels, height, width), bool(rng.random() < 0.3), wide)
-    wanted = int(rng.integers(1, 8))
-    for _ in range(wanted * 6):
-        if len(builder.layers) >= wanted:
-            break
-        builder.step()
-    if not builder.layers:
-        builder.try_add("relu", [INPUT], {})
+    builder.grow()
     layers = builder.layers
 
     outputs: list[str] | None = None

@@ -69,13 +69,7 @@ def generate_training(seed: int, index: int) -> Case:
     activations = tuple(name for name in ops.ACTIVATIONS if name in compilable_ops())
     builder = _Builder(rng, (channels, height, width), bool(rng.random() < 0.3), False,
                        _trainable(IMAGE_OPS), _trainable(FLAT_OPS), activations)
-    wanted = int(rng.integers(1, 8))
-    for _ in range(wanted * 6):
-        if len(builder.layers) >= wanted:
-            break
-        builder.step()
-    if not builder.layers:
-        builder.try_add("relu", [INPUT], {})
+    builder.grow()
     loss = _pick(rng, LOSSES)
     builder.current = builder.layers[-1].name  # the loss reads the last layer
     if loss == "cross_entropy" and len(builder.shape(builder.current)) != 1:
