@@ -20,6 +20,7 @@ from cnnc.backends.llvm import jit, split
 
 ZOO = EXAMPLES / "zoo"
 ZOO_MODELS = ["vgg_bn", "resnet8", "nin", "mnist_cnn", "mobilenet"]
+SPLIT_PAYS = split.split_pays  # before the autouse fixture replaces it
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,13 @@ def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ZOO_MODELS:
         make_weights.write(name, directory)
     return directory
+
+
+@pytest.fixture(autouse=True)
+def split_pays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every split plan is used, whatever the timing of a call on this (perhaps busy)
+    machine says: these tests are of the split's bits. The choice itself is tested below."""
+    monkeypatch.setattr(split, "split_pays", lambda split_seconds, whole_seconds: True)
 
 
 @pytest.fixture
@@ -197,3 +205,46 @@ def test_the_barrier_is_measured_once_per_cpu(tmp_path: Path,
     assert cnnc.target.pool_barrier_us(3, measure) == 0.5
     assert calls == [1]
     assert split.measure_barrier_us(2) > 0.0
+
+
+def test_a_split_plan_slower_than_one_thread_is_not_used(zoo_dir: Path,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """The model times a call both ways when it is built; when one thread wins, batch 1
+    runs whole on the calling thread, with the same bits, and the plan says so."""
+    monkeypatch.setattr(split, "host_barrier_us", lambda threads: 1.0)
+    timings: list[tuple[float, float]] = []
+
+    def one_thread_wins(split_seconds: float, whole_seconds: float) -> bool:
+        timings.append((split_seconds, whole_seconds))
+        return False
+
+    monkeypatch.setattr(split, "split_pays", one_thread_wins)
+    graph = cnnc.load(zoo_dir / "resnet8.yaml")
+    two = same_bits(graph)
+    assert two._small.stage_count == 0  # every call runs on the calling thread
+    assert two.split_stages and timings and all(a > 0 and b > 0 for a, b in timings)
+    assert two.split_plan.splitlines()[-1].endswith("not used: one thread runs the call")
+    assert " x2" in two.split_plan  # the plan it measured is still listed
+
+
+def test_time_calls_takes_the_fastest_of_interleaved_calls() -> None:
+    order: list[str] = []
+    split_seconds, whole_seconds = split.time_calls(lambda: order.append("split"),
+                                                    lambda: order.append("whole"))
+    assert 0 < split_seconds < 1e-3 and 0 < whole_seconds < 1e-3
+    assert order[:6] == ["split", "whole"] * 3  # warm-up, then interleaved
+    assert order.count("split") == order.count("whole") == 3 + split.TIMING_MAX_CALLS
+    assert SPLIT_PAYS(1.0, 2.0) and not SPLIT_PAYS(2.0, 1.0)
+
+
+def test_a_kernel_is_split_by_rows_before_channel_blocks(zoo_dir: Path) -> None:
+    # mobilenet's 1x1 convolution on 8x8 loops over 2 channel blocks outside its rows
+    graph, lowered = lowered_of(cnnc.load(zoo_dir / "mobilenet.yaml"))
+    kernel = lowered.kernels[9]
+    assert kernel.name == "conv2d_relu6_8"
+    top = kernel.body[0]
+    assert isinstance(top, cnnc.kernel.For) and (top.var, top.extent) == ("cb", 2)
+    loop = split.split_loop(kernel, 2)
+    assert loop is not None and (loop.var, loop.extent) == ("y", 8)
+    assert split.split_loop(kernel, 9) is None  # neither loop has 9 iterations

@@ -159,6 +159,14 @@ class LlvmModel:
             else None
         # Up to this batch the outputs surely fit in memory; above, `check_memory` asks.
         self._batch_unchecked = CHECKED_BYTES // (self._output_floats * 4)
+        # The plan's estimate leaves out what moving tensors between the cores' caches
+        # costs, which can outweigh the split: the plan is kept only if it is faster here.
+        self.split_timing: tuple[float, float] | None = None
+        if self.split_stages:
+            self.split_timing = split.time_calls(self._split_call(True),
+                                                 self._split_call(False))
+            if not split.split_pays(*self.split_timing):
+                self._small.stage_count = 0
 
     def __reduce__(self) -> tuple[Any, ...]:
         """A pickle carries the model's graph, weights hash, options and schedule, never its
@@ -223,6 +231,24 @@ class LlvmModel:
         else:
             self._check_status(status, batch, 0, blocks)
 
+    def _split_call(self, on_pool: bool) -> Callable[[], None]:
+        """A call of one zero image, split on the pool or whole on this thread (what
+        `split.time_calls` compares)."""
+        x = np.zeros((1, *self._input_shape), np.float32)
+        y = np.empty(self._output_floats, np.float32)
+        slots = np.array([x.ctypes.data, y.ctypes.data], np.int64)
+        x_slot, y_slot = int(slots.ctypes.data), int(slots.ctypes.data) + 8
+        plan = self._small
+
+        def call() -> None:
+            keep = (x, y, slots)  # alive while the native code reads them
+            if on_pool:
+                self._run_split(plan, x_slot, y_slot, 1)
+            else:
+                self._run(plan, x_slot, y_slot, 1, 0, 1)
+            del keep
+        return call
+
     def _run_split(self, plan: _Plan, x_slot: int, y_slot: int, batch: int) -> None:
         """One block as stages on the pool, its big kernels shared by the threads; on the
         calling thread alone, unsplit, if another call is using the pool."""
@@ -242,7 +268,8 @@ class LlvmModel:
             return ""
         from cnnc.backends.llvm import split
 
-        return split.describe(self._split_variant.lowered, self.split_stages)
+        return split.describe(self._split_variant.lowered, self.split_stages,
+                              self.split_timing)
 
     def _run(self, plan: _Plan, x_slot: int, y_slot: int, batch: int, first: int,
              end: int) -> None:

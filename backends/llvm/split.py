@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -33,6 +33,8 @@ BARRIER_RUNS = 15  # the cheapest of these runs is kept, as the peak keeps the f
 BARRIER_WORK_US = 2.0  # the work of one item of a timed stage
 MEMORY_FLOATS = 16 << 20  # 64 MiB streamed to measure the memory bandwidth
 MEMORY_RUNS = 5
+TIMING_SECONDS = 0.03  # what comparing the split plan with one thread may take at most
+TIMING_MIN_CALLS, TIMING_MAX_CALLS = 3, 25  # calls each way
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,11 @@ class Stage:
 
 
 def split_loop(kernel: Kernel, parts: int) -> For | None:
-    """The loop whose iterations `split_kernel` shares out: the outermost of the perfectly
-    nested channel and row loops at the top of the kernel with at least `parts` iterations.
+    """The loop whose iterations `split_kernel` shares out: of the perfectly nested channel
+    and row loops at the top of the kernel with at least `parts` iterations, the outermost
+    row loop, else the outermost. A share of rows reads mostly the rows the same thread
+    wrote in the stage before; a share of channels reads every input channel, half of them
+    from the other core's cache.
     None where the kernel cannot be split: an edge kernel (it reads the batch), one of several
     top statements, one that reads what it writes or updates a buffer in place."""
     if kernel.uses_batch or len(kernel.body) != 1 or \
@@ -58,13 +63,15 @@ def split_loop(kernel: Kernel, parts: int) -> For | None:
     if not nodes or written & {node.buffer for node in nodes if isinstance(node, Load)}:
         return None
     stmt = kernel.body[0]
+    nest: list[For] = []
     while isinstance(stmt, For) and stmt.role in PARALLEL_ROLES:
-        if stmt.extent >= parts:
-            return stmt
+        nest.append(stmt)
         if len(stmt.body) != 1:
-            return None
+            break
         stmt = stmt.body[0]
-    return None
+    wide = [loop for loop in nest if loop.extent >= parts]
+    rows = [loop for loop in wide if loop.role == "spatial"]
+    return (rows or wide or [None])[0]
 
 
 def split_kernel(kernel: Kernel, parts: int) -> Kernel:
@@ -132,10 +139,42 @@ def plan_stages(graph: Graph, lowered: LoweredModel, threads: int, peak_gflops: 
     return stages
 
 
-def describe(lowered: LoweredModel, stages: Sequence[Stage]) -> str:
-    """One line per stage: its kernels, and on how many items they run."""
-    return "\n".join(f"stage {number}: {', '.join(lowered.kernels[k].name for k in stage.kernels)}"
-                     f" x{stage.items}" for number, stage in enumerate(stages))
+def describe(lowered: LoweredModel, stages: Sequence[Stage],
+             timing: tuple[float, float] | None = None) -> str:
+    """One line per stage: its kernels, and on how many items they run; then, given the
+    `time_calls` timing, whether the plan is used."""
+    lines = [f"stage {number}: {', '.join(lowered.kernels[k].name for k in stage.kernels)}"
+             f" x{stage.items}" for number, stage in enumerate(stages)]
+    if timing is not None:
+        split_us, whole_us = (seconds * 1e6 for seconds in timing)
+        verdict = "used" if split_pays(*timing) else "not used: one thread runs the call"
+        lines.append(f"measured: {split_us:.1f} us a call split, {whole_us:.1f} us on one "
+                     f"thread; {verdict}")
+    return "\n".join(lines)
+
+
+def time_calls(split_call: Callable[[], None], whole_call: Callable[[], None]) -> \
+        tuple[float, float]:
+    """The fastest of a few interleaved calls each way, in seconds: a batch-1 call split on
+    the pool and the same call whole on one thread. At most about TIMING_SECONDS in all."""
+    for call in (split_call, whole_call, split_call, whole_call):  # warm caches and workers
+        call()
+    start = time.perf_counter()
+    split_call()
+    whole_call()
+    pair = time.perf_counter() - start
+    best = [math.inf, math.inf]
+    for _ in range(max(TIMING_MIN_CALLS, min(TIMING_MAX_CALLS, int(TIMING_SECONDS / pair)))):
+        for which, call in enumerate((split_call, whole_call)):
+            start = time.perf_counter()
+            call()
+            best[which] = min(best[which], time.perf_counter() - start)
+    return best[0], best[1]
+
+
+def split_pays(split_seconds: float, whole_seconds: float) -> bool:
+    """Whether the split plan ran a call faster than one thread did."""
+    return split_seconds < whole_seconds
 
 
 def host_barrier_us(threads: int) -> float:
@@ -220,5 +259,5 @@ done:
 
 
 __all__ = ["Stage", "describe", "host_barrier_us", "host_memory_gbps", "measure_barrier_us",
-           "measure_memory_gbps", "plan_stages",
-           "split_kernel", "split_loop"]
+           "measure_memory_gbps", "plan_stages", "split_kernel", "split_loop", "split_pays",
+           "time_calls"]
