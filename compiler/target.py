@@ -313,6 +313,18 @@ def memory_gbps(measure: Callable[[], float]) -> float:
                           measure)
 
 
+LAYOUT_FILE = "layout-choice.json"  # in the cache directory: {cpu | model key: time ratio}
+
+
+def layout_ratio(model_key: str, measure: Callable[[], float]) -> float:
+    """A full batch block of a model in the channel layout, one image at a time, against the
+    same images in the batch layout, as a ratio of times on one core of this CPU (below 1:
+    the channel layout is faster): taken from `measure` the first time and stored, so that
+    later builds of the model on this CPU pick the same layout without timing it again (the
+    two layouts round alike: the choice changes the speed, not the bits)."""
+    return _measured_fact(LAYOUT_FILE, f"{cpu_model_name()} | {model_key}", measure)
+
+
 def _measured_fact(name: str, key: str, measure: Callable[[], float]) -> float:
     """Fact `key` of the cache directory's file `name`: from this process's memo, else the
     file, else `measure` (then stored in both)."""

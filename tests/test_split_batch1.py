@@ -226,15 +226,6 @@ def test_a_split_plan_slower_than_one_thread_is_not_used(zoo_dir: Path,
     assert two.split_stages and timings and all(a > 0 and b > 0 for a, b in timings)
     assert two.split_plan.splitlines()[-1].endswith("not used: one thread runs the call")
     assert " x2" in two.split_plan  # the plan it measured is still listed
-
-
-def test_time_calls_takes_the_fastest_of_interleaved_calls() -> None:
-    order: list[str] = []
-    split_seconds, whole_seconds = split.time_calls(lambda: order.append("split"),
-                                                    lambda: order.append("whole"))
-    assert 0 < split_seconds < 1e-3 and 0 < whole_seconds < 1e-3
-    assert order[:6] == ["split", "whole"] * 3  # warm-up, then interleaved
-    assert order.count("split") == order.count("whole") == 3 + split.TIMING_MAX_CALLS
     assert SPLIT_PAYS(1.0, 2.0) and not SPLIT_PAYS(2.0, 1.0)
 
 

@@ -88,7 +88,7 @@ class LlvmModel:
     def __init__(self, graph: Graph, variants: list[Variant], threads: int | None,
                  use_cache: bool, check_bounds: bool = False) -> None:
         from cnnc import target
-        from cnnc.backends.llvm import jit, runtime, split
+        from cnnc.backends.llvm import jit, measured, runtime, split
 
         self.graph = graph
         self.name = graph.name
@@ -159,12 +159,24 @@ class LlvmModel:
             else None
         # Up to this batch the outputs surely fit in memory; above, `check_memory` asks.
         self._batch_unchecked = CHECKED_BYTES // (self._output_floats * 4)
+        # Large batches run in the layout that ran them faster on this CPU, measured once
+        # per model (`target.layout_ratio`); the layouts round alike, so the bits are the same.
+        self.layout_ratio: float | None = None
+        self._large_variant = primary
+        small = self.variant_for(1)
+        if small is not primary:
+            self.layout_ratio = target.layout_ratio(self._layout_key(), lambda: (
+                measured.channel_over_batch(
+                    self._timed_call(self._small, self.images_per_block),
+                    self._timed_call(self._large, self.images_per_block))))
+            if self.layout_ratio < 1:
+                self._large, self._large_variant = self._small, small
         # The plan's estimate leaves out what moving tensors between the cores' caches
         # costs, which can outweigh the split: the plan is kept only if it is faster here.
         self.split_timing: tuple[float, float] | None = None
         if self.split_stages:
-            self.split_timing = split.time_calls(self._split_call(True),
-                                                 self._split_call(False))
+            self.split_timing = measured.time_calls(self._timed_call(self._small, 1, True),
+                                                    self._timed_call(self._small, 1))
             if not split.split_pays(*self.split_timing):
                 self._small.stage_count = 0
 
@@ -179,7 +191,7 @@ class LlvmModel:
         small = [variant for variant in self.variants if variant.images_per_block == 1]
         if small and batch < self.images_per_block:
             return small[0]
-        return self.variants[0]
+        return getattr(self, "_large_variant", self.variants[0])
 
     # --- running -----------------------------------------------------------------------------
     # The call path is kept short: a float32, C-ordered array of the right shape goes
@@ -231,21 +243,28 @@ class LlvmModel:
         else:
             self._check_status(status, batch, 0, blocks)
 
-    def _split_call(self, on_pool: bool) -> Callable[[], None]:
-        """A call of one zero image, split on the pool or whole on this thread (what
-        `split.time_calls` compares)."""
-        x = np.zeros((1, *self._input_shape), np.float32)
-        y = np.empty(self._output_floats, np.float32)
+    def _layout_key(self) -> str:
+        """What the layout choice depends on: every variant's kernels and parameters, not
+        the thread count (a split kernel is made from the same kernel)."""
+        return cache.key_of(*(kernel.to_text() for variant in self.variants
+                              for kernel in variant.lowered.kernels),
+                            self._params.tobytes(), __version__)
+
+    def _timed_call(self, plan: _Plan, batch: int, split: bool = False) -> Callable[[], None]:
+        """A call of `batch` zero images through `plan`, on this thread or, with `split`,
+        one image split on the pool (what `measured` times)."""
+        x = np.zeros((batch, *self._input_shape), np.float32)
+        y = np.empty(batch * self._output_floats, np.float32)
         slots = np.array([x.ctypes.data, y.ctypes.data], np.int64)
         x_slot, y_slot = int(slots.ctypes.data), int(slots.ctypes.data) + 8
-        plan = self._small
+        blocks = ceil_div(batch, plan.images_per_block)
 
         def call() -> None:
             keep = (x, y, slots)  # alive while the native code reads them
-            if on_pool:
-                self._run_split(plan, x_slot, y_slot, 1)
+            if split:
+                self._run_split(plan, x_slot, y_slot, batch)
             else:
-                self._run(plan, x_slot, y_slot, 1, 0, 1)
+                self._run(plan, x_slot, y_slot, batch, 0, blocks)
             del keep
         return call
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -33,8 +33,6 @@ BARRIER_RUNS = 15  # the cheapest of these runs is kept, as the peak keeps the f
 BARRIER_WORK_US = 2.0  # the work of one item of a timed stage
 MEMORY_FLOATS = 16 << 20  # 64 MiB streamed to measure the memory bandwidth
 MEMORY_RUNS = 5
-TIMING_SECONDS = 0.03  # what comparing the split plan with one thread may take at most
-TIMING_MIN_CALLS, TIMING_MAX_CALLS = 3, 25  # calls each way
 
 
 @dataclass(frozen=True)
@@ -142,7 +140,7 @@ def plan_stages(graph: Graph, lowered: LoweredModel, threads: int, peak_gflops: 
 def describe(lowered: LoweredModel, stages: Sequence[Stage],
              timing: tuple[float, float] | None = None) -> str:
     """One line per stage: its kernels, and on how many items they run; then, given the
-    `time_calls` timing, whether the plan is used."""
+    `measured.time_calls` timing, whether the plan is used."""
     lines = [f"stage {number}: {', '.join(lowered.kernels[k].name for k in stage.kernels)}"
              f" x{stage.items}" for number, stage in enumerate(stages)]
     if timing is not None:
@@ -151,25 +149,6 @@ def describe(lowered: LoweredModel, stages: Sequence[Stage],
         lines.append(f"measured: {split_us:.1f} us a call split, {whole_us:.1f} us on one "
                      f"thread; {verdict}")
     return "\n".join(lines)
-
-
-def time_calls(split_call: Callable[[], None], whole_call: Callable[[], None]) -> \
-        tuple[float, float]:
-    """The fastest of a few interleaved calls each way, in seconds: a batch-1 call split on
-    the pool and the same call whole on one thread. At most about TIMING_SECONDS in all."""
-    for call in (split_call, whole_call, split_call, whole_call):  # warm caches and workers
-        call()
-    start = time.perf_counter()
-    split_call()
-    whole_call()
-    pair = time.perf_counter() - start
-    best = [math.inf, math.inf]
-    for _ in range(max(TIMING_MIN_CALLS, min(TIMING_MAX_CALLS, int(TIMING_SECONDS / pair)))):
-        for which, call in enumerate((split_call, whole_call)):
-            start = time.perf_counter()
-            call()
-            best[which] = min(best[which], time.perf_counter() - start)
-    return best[0], best[1]
 
 
 def split_pays(split_seconds: float, whole_seconds: float) -> bool:
@@ -259,5 +238,4 @@ done:
 
 
 __all__ = ["Stage", "describe", "host_barrier_us", "host_memory_gbps", "measure_barrier_us",
-           "measure_memory_gbps", "plan_stages", "split_kernel", "split_loop", "split_pays",
-           "time_calls"]
+           "measure_memory_gbps", "plan_stages", "split_kernel", "split_loop", "split_pays"]
