@@ -67,9 +67,9 @@ def test_a_batch_convolution_takes_a_channels_by_points_tile(graph: Graph, cpu: 
 
 
 def test_the_channel_layout_and_the_gpu_keep_their_own_tiles() -> None:
-    graph = conv_net(32, 64, 16, padding=1)
+    graph = conv_net(8, 64, 16, padding=1)
     # The channel layout: 4 channel vectors by 4 points, 16 accumulators (`cpu.broadcast_tile`:
-    # the inputs are the broadcast operand there).
+    # the inputs are the broadcast operand there; the weights, 18 KB, fit L1).
     assert schedules(graph, layout="channel") == {"conv2d_relu_0": (4, 4)}
     assert schedules(graph, target="cuda", arch="sm_90") == {"conv2d_relu_0": (8, 1)}
 
@@ -97,4 +97,20 @@ def test_tiled_batch_convolutions_agree_with_the_reference(graph: Graph, batch: 
     x = np.random.default_rng(batch).standard_normal((batch, *graph.input_shape),
                                                      dtype=np.float32)
     model = cnnc.compile(graph, layout="batch", threads=1, use_cache=False)
+    agree(model(x), cnnc.reference(graph, x), graph.name)
+
+
+@pytest.mark.parametrize("layout", ["batch", "channel"])
+def test_a_pooling_window_over_the_edge_is_not_tiled_as_window_rows(layout: str) -> None:
+    # 9 columns pooled 2 by 2 in ceil mode: 5 windows, the last over the edge. Tiled as the
+    # register tile's points, it read a column past the row (found by test_hostile_inputs:
+    # off by up to 5.8 in the batch layout, before the channel layout tiled window rows).
+    graph = build_graph((2, 9, 9), [
+        ("conv", "conv2d", ["input"], {"out_channels": 4, "kernel_size": 3, "padding": 1}),
+        ("act", "relu", ["conv"], {}),
+        ("pool", "maxpool2d", ["act"], {"kernel_size": 2, "ceil_mode": True})], seed=1)
+    model = cnnc.compile(graph, layout=layout, threads=1, use_cache=False)
+    (group,) = model.variants[0].graph.plan.groups
+    assert group.nodes[-1] == "pool"  # fused
+    x = np.random.default_rng(0).standard_normal((17, 2, 9, 9), dtype=np.float32)
     agree(model(x), cnnc.reference(graph, x), graph.name)

@@ -41,6 +41,8 @@ WINOGRAD_TILES = (2, 4)  # F(2x2,3x3) and F(4x4,3x3); 0 is the direct convolutio
 STREAMED_WEIGHT_BYTES = 1 << 20  # a dense layer's weights past this stream from memory
 DENSE_CHANNEL_BLOCKS = 4  # channel blocks kept by such a layer, for batch 1's threads
 FEW_INPUT_CHANNELS = 4  # a channel-layout conv this narrow unrolls its padded window
+L1_BYTES = 32 << 10  # the smallest L1 data cache of our CPUs (Zen 4 and 5; Intel has 48 KiB)
+STREAMED_LOAD_COST = 3  # loads of L1 that one vector load streamed from L2 weighs as
 
 
 def tile(graph: Graph, options: Options) -> Graph:
@@ -183,7 +185,11 @@ def window_rows_tiled(graph: Graph, group: Group, layout: Layout) -> bool:
     pooling window at once: for a broadcast-tiled convolution (`is_broadcast_conv`) whose
     window tiles its output (`pool_factor`), so that the tile's convolution points are
     neighbours, whose taps share input loads, rather than a window's stride apart."""
-    return is_broadcast_conv(graph, group.producer, layout) and pool_factor(graph, group) > 1
+    producer = group.producer
+    channel_conv = layout.kind == "channel" and graph.op(producer) == "conv2d" \
+        and not is_depthwise(graph, producer) and not is_pointwise_conv(graph, producer)
+    return (is_broadcast_conv(graph, producer, layout) or channel_conv) \
+        and pool_factor(graph, group) > 1
 
 
 def _broadcast_schedule(graph: Graph, group: Group, picked: Schedule, channels: int,
@@ -253,8 +259,8 @@ def winograd_tiles(graph: Graph, group: Group) -> tuple[int, ...]:
 
 def pool_factor(graph: Graph, group: Group) -> int:
     """The side of the group's pooling window when it tiles the convolution's output
-    (kernel = stride, no padding, not the whole image); 1 without a window; 0 when the window
-    does not tile it."""
+    (kernel = stride, no padding, no window hanging over the edge as `ceil_mode` may, not
+    the whole image); 1 without a window; 0 when the window does not tile it."""
     window = group.window
     if window is None:
         return 1
@@ -264,6 +270,10 @@ def pool_factor(graph: Graph, group: Group) -> int:
     attrs = graph.attrs(window)
     (kh, kw), stride = attrs["kernel_size"], tuple(attrs["stride"])
     if kh != kw or stride != (kh, kw) or any(attrs["padding"][0]) or any(attrs["padding"][1]):
+        return 0
+    _, height, width = graph.shape(graph.operands(window)[0])
+    out_h, out_w = graph.shape(window)[1:]
+    if out_h * kh > height or out_w * kw > width:
         return 0
     return int(kh)
 
@@ -276,27 +286,35 @@ def _channel_conv_schedule(graph: Graph, group: Group, picked: Schedule, layout:
     (oc_block x 64 B per input channel and tap: 147-295 KB for 128 input channels) pass L1
     and stream from L2 once per tile, so the tile is the one with the most FMAs per load,
     then the most points, among those whose accumulators fit `cpu.broadcast_tile` (the
-    inputs are the broadcast operand here). Measured on vgg_bn at batch 1 (AVX-512): the
-    64->128 and 128->128 convolutions on 8x8 at 4 x 4 run at 80 % of the peak, 38 % at the
-    8 x 1 that filling the channels first gave, 35-55 % by Winograd F(2x2); the heuristic
-    no longer picks Winograd (schedule files and `cnnc tune` still may)."""
+    inputs are the broadcast operand here). Where all the weights overflow L1, a weight
+    load counts STREAMED_LOAD_COST loads: it comes from L2, an input's from L1. Measured on
+    vgg_bn at batch 1 (AVX-512): the 64->128 and 128->128 convolutions on 8x8 at 4 x 4 run
+    at 80 % of the peak, 38 % at the 8 x 1 that filling the channels first gave, 35-55 % by
+    Winograd F(2x2); the heuristic no longer picks Winograd (schedule files and `cnnc tune`
+    still may). The unpooled 128->128 on 8x8 at 2 x 8, half the weight loads: 101 %
+    (47.7 -> 38.8 us), its 32->64 on 16x16 79 -> 87 %."""
     rows = _tiled_rows(graph, group) if row_tiles_fit(graph, group) else 1
     steps = layout.channel_steps(graph.shape(group.producer)[0])
     window = group.window
     whole_image = window is not None \
         and ops.OPS[graph.op(window)].window.whole_image  # type: ignore[union-attr]
+    attrs = graph.attrs(group.producer)
+    kh, kw = attrs["kernel_size"]
+    per_group_in = graph.shape(graph.operands(group.producer)[0])[0] // attrs["groups"]
+    weight_bytes = 4 * per_group_in * kh * kw * layout.channels(graph.shape(group.producer)[0])
+    # (not with a fused pooling: vgg_bn's pooled 64->64 on 16x16 ran 6 % slower at 2 x 8)
+    weight_cost = STREAMED_LOAD_COST if weight_bytes > L1_BYTES and window is None else 1
+    across = pool_factor(graph, group) if window_rows_tiled(graph, group, layout) else 1
     best = (1, 1)
     for oc_block in _divisors(steps):
         for x_block in _divisors(rows):
             # A whole-image pooling keeps one sum per channel vector in a register as well.
-            registers = oc_block * x_block + (oc_block if whole_image else 0)
+            registers = oc_block * x_block * across + (oc_block if whole_image else 0)
             if registers > cpu.broadcast_tile:
                 continue
-            if _per_load_points(oc_block, x_block) > _per_load_points(*best):
+            if _per_load_points(oc_block, x_block * across, weight_cost) > \
+                    _per_load_points(best[0], best[1] * across, weight_cost):
                 best = (oc_block, x_block)
-    attrs = graph.attrs(group.producer)
-    kh, kw = attrs["kernel_size"]
-    per_group_in = graph.shape(graph.operands(group.producer)[0])[0] // attrs["groups"]
     # With few input channels and padded columns the rolled window loops were the slow part
     # (measured: NiN's 3->32 5x5 at 2 x 8, 49 % of the peak rolled, 83 % unrolled; without
     # padding, LeNet's 1->6 5x5 lost by unrolling).
@@ -306,9 +324,10 @@ def _channel_conv_schedule(graph: Graph, group: Group, picked: Schedule, layout:
                           unroll_max=max(kh, kw) if few else picked.unroll_max)
 
 
-def _per_load_points(oc_block: int, x_block: int) -> tuple[float, int]:
-    """FMAs per load of a channel-layout tile, then the more points (fewer weight streams)."""
-    return (oc_block * x_block / (oc_block + x_block), x_block)
+def _per_load_points(oc_block: int, x_block: int, weight_cost: int = 1) -> tuple[float, int]:
+    """FMAs per load of a channel-layout tile, a weight vector's load counting `weight_cost`
+    loads, then the more points (fewer weight streams)."""
+    return (oc_block * x_block / (oc_block * weight_cost + x_block), x_block)
 
 
 def _channel_dense_schedule(graph: Graph, group: Group, picked: Schedule, layout: Layout,
