@@ -107,26 +107,29 @@ def test_a_grouped_convolution_that_is_not_depthwise_keeps_its_clamped_gather() 
     assert "unroll_max=0" in schedule_line(text)
 
 
-@pytest.mark.parametrize(("layout", "expected"), [
-    # 64 channels: 4 vectors, a tile of 4 x 2 points and 4 pooling sums (12 of 14 registers).
-    ("channel", "oc_block=4 x_block=2"),
-    ("batch", "oc_block=4 x_block=2"),  # 64 channels of a batch block, as many per load
+@pytest.mark.parametrize(("layout", "points", "first"), [
+    # 64 channels: 4 vectors, a tile of 4 x 4 points (the broadcast tile's 16 accumulators)
+    # and 4 pooling sums, which the loop over the input channels does not touch.
+    ("channel", 4, 34),
+    # 64 channels of a batch block, as many per load; the pooling sums are counted there.
+    ("batch", 2, 24),
 ])
 def test_a_1x1_convolution_fused_with_global_pooling_tiles_the_pooled_rows(
-        layout: str, expected: str) -> None:
+        layout: str, points: int, first: int) -> None:
     text = kernel_text(pointwise_pool_net(16, 64, 8), layout)
-    assert schedule_line(text) == f"// schedule: {expected} unroll_max=0 gpu_threads=128 " \
-        "gpu_batch_inner=False gpu_shared_tiles=False"
-    # The window's column loop takes 2 points a step, each with the 4 channel steps.
-    assert "for (wx6 = 0; wx6 < 4; wx6++) {" in text
+    assert schedule_line(text) == f"// schedule: oc_block=4 x_block={points} unroll_max=0 " \
+        "gpu_threads=128 gpu_batch_inner=False gpu_shared_tiles=False"
+    # The window's column loop takes `points` points a step, each with the 4 channel steps.
+    assert f"for (wx6 = 0; wx6 < {8 // points}; wx6++) {{" in text
     sums = [line.strip() for line in text.splitlines() if line.strip().startswith("pool")]
-    assert sums == [f"pool{channel + 1} = pool{channel + 1} + t{24 + 4 * point + channel};"
-                    for point in range(2) for channel in range(4)]
+    assert sums == [f"pool{channel + 1} = pool{channel + 1} + t{first + 4 * point + channel};"
+                    for point in range(points) for channel in range(4)]
 
 
 def test_a_plain_1x1_convolution_takes_the_tile_with_most_fmas_per_load() -> None:
-    """128 channels (8 vectors) by rows of 8: 4 x 2 reads 6 values for 8 FMAs, where 8 x 1
-    (what fills the accumulators along the channels only) reads 9."""
+    """128 channels (8 vectors) by rows of 8: 4 x 4 reads 8 values for 16 FMAs, where 8 x 1
+    (what fills the accumulators along the channels only) reads 9 for 8, and 4 x 2 (the
+    14-register tile before the broadcast tile) 6 for 8."""
     rng = np.random.default_rng(5)
     graph = Graph("pw", (64, 8, 8))
     add(graph, "pw", "conv2d", ["input"],
@@ -134,7 +137,7 @@ def test_a_plain_1x1_convolution_takes_the_tile_with_most_fmas_per_load() -> Non
         out_channels=128, kernel_size=1, bias=False)
     graph.outputs = ["pw"]
     assert schedule_line(kernel_text(graph, "channel")).startswith(
-        "// schedule: oc_block=4 x_block=2 ")
+        "// schedule: oc_block=4 x_block=4 ")
 
 
 @pytest.mark.parametrize("channels", [16, 20, 7, 48])

@@ -1,8 +1,9 @@
 """1x1 convolutions of the batch layout (images in the vector lanes, each weight a broadcast
 scalar): the register tile the tiling pass gives them takes the broadcast tile's 16
-accumulators with AVX-512 (the channel layout's 14 gave 4 x 2), a fused global pooling's
-sums counted with them, and their results against the NumPy reference where the tile meets
-strides, odd rows and the pooling."""
+accumulators with AVX-512 (the GPU's one image a lane keeps 14: 4 x 2), a fused global
+pooling's sums counted with them, and their results against the NumPy reference where the
+tile meets strides, odd rows and the pooling. The channel layout (each input a broadcast
+scalar) takes the broadcast tile too, its pooling sums not counted."""
 
 from __future__ import annotations
 
@@ -66,4 +67,31 @@ def test_tiled_batch_pointwise_convolutions_agree_with_the_reference(graph: Grap
     x = np.random.default_rng(batch).standard_normal((batch, *graph.input_shape),
                                                      dtype=np.float32)
     model = cnnc.compile(graph, layout="batch", threads=1, use_cache=False)
+    agree(model(x), cnnc.reference(graph, x), graph.name)
+
+
+@pytest.mark.parametrize(("graph", "picked"), [
+    # mobilenet's 64->64 on 16x16: 4 channel vectors by 4 points (4 x 2 before: 66 -> 77 %)
+    (pointwise_net(64, 64, 16), (4, 4)),
+    # 2 channel vectors (32 channels): 2 x 8
+    (pointwise_net(16, 32, 32), (2, 8)),
+    # mobilenet's last 1x1, fused with the global pooling: 4 x 4 and 4 sums (54 -> 73 %)
+    (pointwise_net(128, 128, 8, pooled=True), (4, 4)),
+])
+def test_a_channel_pointwise_convolution_takes_the_broadcast_tile(
+        graph: Graph, picked: tuple[int, int]) -> None:
+    assert tile_of(graph, layout="channel") == picked
+
+
+@pytest.mark.parametrize(("graph", "batch"), [
+    (pointwise_net(64, 64, 16), 2),
+    (pointwise_net(16, 32, 12, stride=2), 3),
+    (pointwise_net(128, 128, 8, pooled=True), 1),
+    (pointwise_net(24, 40, 7, pooled=True), 5),
+])
+def test_tiled_channel_pointwise_convolutions_agree_with_the_reference(graph: Graph,
+                                                                       batch: int) -> None:
+    x = np.random.default_rng(batch).standard_normal((batch, *graph.input_shape),
+                                                     dtype=np.float32)
+    model = cnnc.compile(graph, layout="channel", threads=1, use_cache=False)
     agree(model(x), cnnc.reference(graph, x), graph.name)

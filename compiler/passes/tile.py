@@ -154,16 +154,22 @@ def _pointwise_schedule(graph: Graph, group: Group, picked: Schedule, layout: La
     layout's `register_tile` (14: 4 x 2). A point's input channels lie a multiple of 4 KB
     apart there, in one L1 set, so each channel block reads them again from L2: more
     channels or points a tile is what pays (measured on NiN's 1x1 layers at batch 64: 45-63
-    % of the peak at 4 x 2, 49-69 % at 4 x 4 or 8 x 2, 19-42 % past 16 accumulators)."""
+    % of the peak at 4 x 2, 49-69 % at 4 x 4 or 8 x 2, 19-42 % past 16 accumulators).
+    In the channel layout the input is the broadcast operand, as in `_channel_conv_schedule`,
+    and the tile takes `cpu.broadcast_tile` as well, the pooling sums, which the loop over
+    the input channels does not touch, left uncounted (measured on mobilenet at batch 1:
+    its 1x1 layers from 52-69 % of the peak at 4 x 2 and 2 x 4 to 65-79 % at 4 x 4 and
+    2 x 8, the whole net 71 -> 60 us)."""
     rows = _tiled_rows(graph, group)
     steps = layout.channel_steps(graph.shape(group.producer)[0])
     pooled = group.window is not None
     batch = layout.kind == "batch" and layout.images_per_block > 1
-    limit = cpu.broadcast_tile if batch else cpu.register_tile
+    channel = layout.kind == "channel"
+    limit = cpu.broadcast_tile if batch or channel else cpu.register_tile
     best = (1, 1)
     for oc_block in _divisors(steps):
         for x_block in _divisors(rows):
-            registers = oc_block * x_block + (oc_block if pooled else 0)
+            registers = oc_block * x_block + (oc_block if pooled and not channel else 0)
             if registers > limit:
                 continue
             if _per_load(oc_block, x_block) > _per_load(*best):
