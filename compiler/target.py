@@ -36,16 +36,19 @@ GPU_BLOCKS_PER_SM = 8  # blocks a staged kernel should fit on one SM, for latenc
 GPU_STATIC_SHARED_LIMIT = 48 * 1024  # bytes of static __shared__ memory a block may declare
 GPU_MAX_THREADS_PER_BLOCK = 1024  # every architecture since sm_20
 GPU_RESIDENT_BLOCKS = 16  # blocks per SM that every architecture since sm_75 can hold
+L1_DEFAULT_BYTES = 32 << 10  # an L1 data cache the OS does not report: the smallest of ours
 
 
 @dataclass(frozen=True)
 class CpuIsa:
-    """The vector registers of a CPU, from LLVM's feature string alone (deterministic: the
-    same features give the same code). `vector_width` counts float32 lanes of the widest
-    vector register the code generator uses, `vector_registers` how many of them there are."""
+    """The vector registers of a CPU, from LLVM's feature string (deterministic: the same
+    features give the same code), and its L1 data cache as the OS reports it. `vector_width`
+    counts float32 lanes of the widest vector register the code generator uses,
+    `vector_registers` how many of them there are."""
 
     vector_width: int
     vector_registers: int
+    l1_bytes: int = L1_DEFAULT_BYTES
 
     @property
     def accumulators(self) -> int:
@@ -68,8 +71,8 @@ class CpuIsa:
         return self.vector_registers // 2
 
     @classmethod
-    def from_features(cls, features: str) -> CpuIsa:
-        return cls(vector_width(features), vector_registers(features))
+    def from_features(cls, features: str, l1_bytes: int = L1_DEFAULT_BYTES) -> CpuIsa:
+        return cls(vector_width(features), vector_registers(features), l1_bytes)
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,7 @@ class CpuTarget:
 
     @property
     def isa(self) -> CpuIsa:
-        return CpuIsa.from_features(self.features)
+        return CpuIsa.from_features(self.features, l1_data_bytes())
 
     def describe_peak(self) -> str:
         return (f"peak: {self.peak_gflops_per_core:.0f} GFLOP/s/core, {self.peak_source} "
@@ -176,8 +179,26 @@ def host_isa() -> CpuIsa:
         import llvmlite.binding as llvm
 
         llvm.initialize_native_target()
-        _HOST_ISA = CpuIsa.from_features(llvm.get_host_cpu_features().flatten())
+        _HOST_ISA = CpuIsa.from_features(llvm.get_host_cpu_features().flatten(),
+                                         l1_data_bytes())
     return _HOST_ISA
+
+
+def l1_data_bytes(cache_dir: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """The L1 data cache of one core, as Linux reports it (48 KiB on Zen 5 and recent Intel
+    cores, 32 KiB on Zen 4); L1_DEFAULT_BYTES where the OS does not say."""
+    for index in sorted(cache_dir.glob("index*")):
+        try:
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        if level == "1" and kind in ("Data", "Unified") and size[:-1].isdigit():
+            scale = {"K": 1 << 10, "M": 1 << 20}.get(size[-1])
+            if scale is not None:
+                return int(size[:-1]) * scale
+    return L1_DEFAULT_BYTES
 
 
 def llvm_cpu_name() -> str:

@@ -5,6 +5,7 @@ block by block) that batch 1 on two threads shares out, with the bits of one blo
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,9 +39,9 @@ def dense_net(features: int, units: int) -> Graph:
                                           ("fc", "dense", ["flat"], {"units": units})])
 
 
-def picked(graph: Graph) -> dict[str, tuple[int, int, int, int]]:
+def picked(graph: Graph, cpu: CpuIsa = AVX512) -> dict[str, tuple[int, int, int, int]]:
     """Each kernel's (oc_block, x_block, unroll_max, winograd) in the channel layout."""
-    tiled = run_pipeline(graph, Options(layout="channel", cpu=AVX512))
+    tiled = run_pipeline(graph, Options(layout="channel", cpu=cpu))
     return {group.name: (group.schedule.oc_block, group.schedule.x_block,
                          group.schedule.unroll_max, group.schedule.winograd)
             for group in tiled.plan.groups}
@@ -54,19 +55,38 @@ def picked(graph: Graph) -> dict[str, tuple[int, int, int, int]]:
     # Weights that fit L1 (8->64: 18 KB): 4 x 4, 2 FMAs a load.
     (conv_net(8, 64, 8, padding=1), (4, 4, 0, 0)),
     # A pooled row of 4 points: each point of the tile takes its window's row (2 neighbouring
-    # convolution points, whose taps share input loads), so 4 x 2 pooled points is 16
-    # accumulators; the pooling's maxima are not counted. With the pooling fused, weight
-    # loads count as any other (2 x 8 measured slower).
-    (conv_net(128, 128, 8, pool=True, padding=1), (4, 2, 0, 0)),
+    # convolution points, whose taps share input loads), so 2 x 4 pooled points is 16
+    # accumulators, the weights streaming as above; the pooling's maxima are not counted.
+    (conv_net(128, 128, 8, pool=True, padding=1), (2, 4, 0, 0)),
+    # Pooled, weights that fit L1 (8->64): 4 x 2 pooled points, 4 x 4 of the convolution.
+    (conv_net(8, 64, 8, pool=True, padding=1), (4, 2, 0, 0)),
     # Two channel vectors: 8 points of a row of 32 (16 accumulators).
     (conv_net(32, 32, 32, padding=1), (2, 8, 0, 0)),
-    # mnist_cnn's 32->64, its pooled rows of 12 points: 4 x 2 of them, 4 x 4 convolution
-    # points (was 4 x 3, then 4 x 4 pooled points a window's stride apart).
-    (conv_net(32, 64, 26, pool=True), (4, 2, 0, 0)),
+    # mnist_cnn's 32->64 (73 KB of weights), its pooled rows of 12 points: 2 x 4 of them,
+    # 2 x 8 convolution points (was 4 x 3, then 4 x 4 pooled points a window's stride apart).
+    (conv_net(32, 64, 26, pool=True), (2, 4, 0, 0)),
 ])
 def test_a_channel_convolution_takes_the_tile_with_most_fmas_per_load(
         graph: Graph, expected: tuple[int, int, int, int]) -> None:
     assert list(picked(graph).values()) == [expected]  # its one kernel
+
+
+def test_weights_that_fit_the_l1_the_os_reports_take_the_tile_of_most_fmas_per_load() -> None:
+    # mnist_cnn's 32->64 (73 KB of weights) pooled, with an L1 of 96 KB: 4 x 2 pooled points
+    assert list(picked(conv_net(32, 64, 26, pool=True), CpuIsa(16, 32, 96 << 10)).values()) \
+        == [(4, 2, 0, 0)]
+
+
+def test_the_l1_size_is_what_the_os_reports(tmp_path: Path) -> None:
+    for index, (level, kind, size) in enumerate([("1", "Instruction", "32K"),
+                                                 ("1", "Data", "48K"), ("2", "Unified", "2048K")]):
+        directory = tmp_path / f"index{index}"
+        directory.mkdir()
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (directory / name).write_text(value + "\n")
+    assert cnnc.target.l1_data_bytes(tmp_path) == 48 << 10
+    assert cnnc.target.l1_data_bytes(tmp_path / "missing") == cnnc.target.L1_DEFAULT_BYTES
+    assert AVX512.l1_bytes == cnnc.target.L1_DEFAULT_BYTES == 32 << 10
 
 
 def test_few_padded_input_channels_unroll_the_window() -> None:

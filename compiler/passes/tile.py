@@ -41,7 +41,6 @@ WINOGRAD_TILES = (2, 4)  # F(2x2,3x3) and F(4x4,3x3); 0 is the direct convolutio
 STREAMED_WEIGHT_BYTES = 1 << 20  # a dense layer's weights past this stream from memory
 DENSE_CHANNEL_BLOCKS = 4  # channel blocks kept by such a layer, for batch 1's threads
 FEW_INPUT_CHANNELS = 4  # a channel-layout conv this narrow unrolls its padded window
-L1_BYTES = 32 << 10  # the smallest L1 data cache of our CPUs (Zen 4 and 5; Intel has 48 KiB)
 STREAMED_LOAD_COST = 3  # loads of L1 that one vector load streamed from L2 weighs as
 
 
@@ -292,13 +291,16 @@ def _channel_conv_schedule(graph: Graph, group: Group, picked: Schedule, layout:
     (oc_block x 64 B per input channel and tap: 147-295 KB for 128 input channels) pass L1
     and stream from L2 once per tile, so the tile is the one with the most FMAs per load,
     then the most points, among those whose accumulators fit `cpu.broadcast_tile` (the
-    inputs are the broadcast operand here). Where all the weights overflow L1, a weight
-    load counts STREAMED_LOAD_COST loads: it comes from L2, an input's from L1. Measured on
+    inputs are the broadcast operand here). Where all the weights overflow L1 (the OS's
+    `cpu.l1_bytes`), a weight load counts STREAMED_LOAD_COST loads: it comes from L2, an
+    input's from L1; a fused pooling window's points count so too. Measured on
     vgg_bn at batch 1 (AVX-512): the 64->128 and 128->128 convolutions on 8x8 at 4 x 4 run
     at 80 % of the peak, 38 % at the 8 x 1 that filling the channels first gave, 35-55 % by
     Winograd F(2x2); the heuristic no longer picks Winograd (schedule files and `cnnc tune`
     still may). The unpooled 128->128 on 8x8 at 2 x 8, half the weight loads: 101 %
-    (47.7 -> 38.8 us), its 32->64 on 16x16 79 -> 87 %."""
+    (47.7 -> 38.8 us), its 32->64 on 16x16 79 -> 87 %; pooled, 2 x 4 pooled points (2 x 8
+    of the convolution), its 128->128 from 74 to 88 %, its 64->64 74 -> 79 % (its 32->32,
+    36 KB of weights in a 48 KB L1, ran 8 % slower so)."""
     rows = _tiled_rows(graph, group) if row_tiles_fit(graph, group) else 1
     steps = layout.channel_steps(graph.shape(group.producer)[0])
     window = group.window
@@ -308,8 +310,7 @@ def _channel_conv_schedule(graph: Graph, group: Group, picked: Schedule, layout:
     kh, kw = attrs["kernel_size"]
     per_group_in = graph.shape(graph.operands(group.producer)[0])[0] // attrs["groups"]
     weight_bytes = 4 * per_group_in * kh * kw * layout.channels(graph.shape(group.producer)[0])
-    # (not with a fused pooling: vgg_bn's pooled 64->64 on 16x16 ran 6 % slower at 2 x 8)
-    weight_cost = STREAMED_LOAD_COST if weight_bytes > L1_BYTES and window is None else 1
+    weight_cost = STREAMED_LOAD_COST if weight_bytes > cpu.l1_bytes else 1
     across = pool_factor(graph, group) if window_rows_tiled(graph, group, layout) else 1
     best = (1, 1)
     for oc_block in _divisors(steps):
