@@ -79,7 +79,9 @@ def compile(  # noqa: A001
     `LlvmModel` (`cnnc.CompiledModel`) for "llvm", a `CudaModel` for "cuda" and "cuda-sim".
 
     On the CPU, `layout="auto"` compiles the model twice: batch-blocked for many images and
-    channel-vectorised for a few; each call uses the one that suits its batch size.
+    channel-vectorised for a few. A call below one batch block takes the channel layout; a
+    larger one the layout that ran a block faster when the model was first built on this
+    CPU (measured once, cached; the layouts round alike).
     `check_bounds` (debug) makes every load and store check its index; an access out of
     bounds then raises `CnncError` instead of touching memory."""
     builder = backend(target)
