@@ -190,7 +190,8 @@ def summary(points: list[Point]) -> str:
         return "No point has both cnnc and a peer timed."
     mean = math.exp(sum(math.log(ratio) for ratio, _ in ratios) / len(ratios))
     worst, where = min(ratios, key=lambda item: item[0])
-    return (f"Over {len(ratios)} points: geometric mean of cnnc / best peer **{mean:.2f}×**, "
+    # three places: the goal is a threshold (1.5x), which two places would round across
+    return (f"Over {len(ratios)} points: geometric mean of cnnc / best peer **{mean:.3f}×**, "
             f"worst **{worst:.2f}×** ({where.model}, {where.label}).")
 
 
