@@ -4,8 +4,10 @@ A kernel whose top loop nest walks output channels or rows (`PARALLEL_ROLES`) is
 so that item i of a pool stage runs one share of that loop's iterations; the other kernels
 run on one thread, consecutive ones as one stage of one item. A kernel is split only when its
 time at the core's measured peak (a lower bound of its time) saves well over a pool barrier,
-measured on this machine (`cnnc.target.pool_barrier_us`). Each output element is computed by
-the same code as on one thread: the bits do not change. Nothing here knows a model's file.
+measured on this machine (`cnnc.target.pool_barrier_us`); the model then times the plan
+against one thread (`measured.time_calls`) and keeps it only where it is faster. Each output
+element is computed by the same code as on one thread: the bits do not change. Nothing here
+knows a model's file.
 """
 
 from __future__ import annotations
