@@ -184,10 +184,10 @@ def host_isa() -> CpuIsa:
     return _HOST_ISA
 
 
-def l1_data_bytes(cache_dir: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+def l1_data_bytes(sysfs: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
     """The L1 data cache of one core, as Linux reports it (48 KiB on Zen 5 and recent Intel
     cores, 32 KiB on Zen 4); L1_DEFAULT_BYTES where the OS does not say."""
-    for index in sorted(cache_dir.glob("index*")):
+    for index in sorted(sysfs.glob("index*")):
         try:
             level = (index / "level").read_text().strip()
             kind = (index / "type").read_text().strip()
