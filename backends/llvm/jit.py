@@ -131,17 +131,17 @@ def kernel_symbols(variants: list[Variant]) -> list[str]:
     return symbols
 
 
-def fingerprint(variants: list[Variant], params: np.ndarray) -> list[str | bytes]:
-    """Everything the generated code depends on, for the compile cache's key: the kernels
-    (loops, schedules, buffers), how launches bind them, the parameters and this backend's
-    own source."""
+def fingerprint(variants: list[Variant], params: np.ndarray
+                ) -> tuple[list[str | bytes], list[str]]:
+    """Everything the generated code depends on, for the compile cache's key, in two parts:
+    the kernels (loops, schedules, buffers), how launches bind them, the parameters and this
+    backend's own source; then the batch-1 stages, the one part a thread count changes."""
     parts: list[str | bytes] = [_BACKEND_SOURCE, params.tobytes()]
     for variant in variants:
         parts.append(f"{variant.runner} {sorted(variant.offsets.items())} "
                      f"{sorted(variant.lowered.bindings.items())}")
         parts += [kernel.to_text() for kernel in variant.lowered.kernels]
-        parts.append(f"stages {variant.stages}")
-    return parts
+    return parts, [f"stages {variant.stages}" for variant in variants]
 
 
 def build_module(name: str, variants: list[Variant],

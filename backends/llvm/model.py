@@ -100,6 +100,7 @@ class LlvmModel:
         self.threads = max(1, threads or runtime.cpus())
         self.kernels = [group.name for group in primary.graph.plan.groups]
         self.output_shapes = [graph.shape(name) for name in graph.outputs]
+        self._large_variant = primary  # until the layout choice below
         # A call of one block on several threads runs as stages, its big kernels split.
         self._split_variant = self.variant_for(1) if self.threads > 1 else None
         self.split_stages: tuple[split.Stage, ...] = ()
@@ -118,7 +119,8 @@ class LlvmModel:
         # depends on, which lets a cache hit skip LLVM altogether.
         self._params, self._param_offsets = jit.pack_params(self._jit_variants)
         self.check_bounds = check_bounds
-        self._key = cache.key_of(*jit.fingerprint(self._jit_variants, self._params),
+        code, stages = jit.fingerprint(self._jit_variants, self._params)
+        self._key = cache.key_of(*code, *stages,
                                  jit.host().describe(), __version__,
                                  f"check_bounds={check_bounds}")
         self._ll_text: str | None = None
@@ -162,10 +164,10 @@ class LlvmModel:
         # Large batches run in the layout that ran them faster on this CPU, measured once
         # per model (`target.layout_ratio`); the layouts round alike, so the bits are the same.
         self.layout_ratio: float | None = None
-        self._large_variant = primary
         small = self.variant_for(1)
         if small is not primary:
-            self.layout_ratio = target.layout_ratio(self._layout_key(), lambda: (
+            # keyed by the code without the batch-1 stages: the same for every thread count
+            self.layout_ratio = target.layout_ratio(cache.key_of(*code, __version__), lambda: (
                 measured.channel_over_batch(
                     self._timed_call(self._small, self.images_per_block),
                     self._timed_call(self._large, self.images_per_block))))
@@ -191,7 +193,7 @@ class LlvmModel:
         small = [variant for variant in self.variants if variant.images_per_block == 1]
         if small and batch < self.images_per_block:
             return small[0]
-        return getattr(self, "_large_variant", self.variants[0])
+        return self._large_variant
 
     # --- running -----------------------------------------------------------------------------
     # The call path is kept short: a float32, C-ordered array of the right shape goes
@@ -242,13 +244,6 @@ class LlvmModel:
             self._run(plan, x_slot, y_slot, batch, 0, blocks)
         else:
             self._check_status(status, batch, 0, blocks)
-
-    def _layout_key(self) -> str:
-        """What the layout choice depends on: every variant's kernels and parameters, not
-        the thread count (a split kernel is made from the same kernel)."""
-        return cache.key_of(*(kernel.to_text() for variant in self.variants
-                              for kernel in variant.lowered.kernels),
-                            self._params.tobytes(), __version__)
 
     def _timed_call(self, plan: _Plan, batch: int, split: bool = False) -> Callable[[], None]:
         """A call of `batch` zero images through `plan`, on this thread or, with `split`,

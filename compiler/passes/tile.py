@@ -176,25 +176,29 @@ def _pointwise_schedule(graph: Graph, group: Group, picked: Schedule, layout: La
     return picked.replace(oc_block=best[0], x_block=best[1])
 
 
+def _is_direct_conv(graph: Graph, name: str) -> bool:
+    """Whether node `name` is a convolution neither depthwise nor 1x1 (those have schedules
+    of their own)."""
+    return graph.op(name) == "conv2d" and not is_depthwise(graph, name) \
+        and not is_pointwise_conv(graph, name)
+
+
 def is_broadcast_conv(graph: Graph, name: str, layout: Layout) -> bool:
-    """Whether node `name` is a convolution that `_broadcast_schedule` tiles: in the batch
-    layout with images in the vector lanes (not the GPU's one image a thread), neither
-    depthwise nor 1x1 (those have schedules of their own)."""
-    return (layout.kind == "batch" and layout.images_per_block > 1
-            and graph.op(name) == "conv2d" and not is_depthwise(graph, name)
-            and not is_pointwise_conv(graph, name))
+    """Whether node `name` is a convolution that `_broadcast_schedule` tiles: a direct one
+    in the batch layout with images in the vector lanes (not the GPU's one image a thread)."""
+    return layout.kind == "batch" and layout.images_per_block > 1 \
+        and _is_direct_conv(graph, name)
 
 
 def window_rows_tiled(graph: Graph, group: Group, layout: Layout) -> bool:
     """Whether each output point of `group`'s register tile computes a whole row of its
-    pooling window at once: for a broadcast-tiled convolution (`is_broadcast_conv`) whose
-    window tiles its output (`pool_factor`), so that the tile's convolution points are
-    neighbours, whose taps share input loads, rather than a window's stride apart."""
-    producer = group.producer
-    channel_conv = layout.kind == "channel" and graph.op(producer) == "conv2d" \
-        and not is_depthwise(graph, producer) and not is_pointwise_conv(graph, producer)
-    return (is_broadcast_conv(graph, producer, layout) or channel_conv) \
-        and pool_factor(graph, group) > 1
+    pooling window at once: for a direct convolution of the batch layout's broadcast tile
+    (`is_broadcast_conv`) or the channel layout's tile whose window tiles its output
+    (`pool_factor`), so that the tile's convolution points are neighbours, whose taps share
+    input loads, rather than a window's stride apart."""
+    tiled = is_broadcast_conv(graph, group.producer, layout) or \
+        (layout.kind == "channel" and _is_direct_conv(graph, group.producer))
+    return tiled and pool_factor(graph, group) > 1
 
 
 def _broadcast_schedule(graph: Graph, group: Group, picked: Schedule, channels: int,
