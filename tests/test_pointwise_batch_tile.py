@@ -56,17 +56,21 @@ def test_a_batch_pointwise_convolution_takes_the_broadcast_tile(graph: Graph, cp
     assert tile_of(graph, cpu) == picked
 
 
-@pytest.mark.parametrize(("graph", "batch"), [
-    (pointwise_net(32, 32, 8), 37),
-    (pointwise_net(12, 20, 7), 17),
-    (pointwise_net(16, 32, 12, stride=2), 19),
-    (pointwise_net(24, 10, 8, pooled=True), 33),
+@pytest.mark.parametrize(("graph", "batch", "layout"), [
+    (pointwise_net(32, 32, 8), 37, "batch"),
+    (pointwise_net(12, 20, 7), 17, "batch"),
+    (pointwise_net(16, 32, 12, stride=2), 19, "batch"),
+    (pointwise_net(24, 10, 8, pooled=True), 33, "batch"),
+    (pointwise_net(64, 64, 16), 2, "channel"),
+    (pointwise_net(16, 32, 12, stride=2), 3, "channel"),
+    (pointwise_net(128, 128, 8, pooled=True), 1, "channel"),
+    (pointwise_net(24, 40, 7, pooled=True), 5, "channel"),
 ])
-def test_tiled_batch_pointwise_convolutions_agree_with_the_reference(graph: Graph,
-                                                                     batch: int) -> None:
+def test_tiled_pointwise_convolutions_agree_with_the_reference(graph: Graph, batch: int,
+                                                               layout: str) -> None:
     x = np.random.default_rng(batch).standard_normal((batch, *graph.input_shape),
                                                      dtype=np.float32)
-    model = cnnc.compile(graph, layout="batch", threads=1, use_cache=False)
+    model = cnnc.compile(graph, layout=layout, threads=1, use_cache=False)
     agree(model(x), cnnc.reference(graph, x), graph.name)
 
 
@@ -82,16 +86,3 @@ def test_a_channel_pointwise_convolution_takes_the_broadcast_tile(
         graph: Graph, picked: tuple[int, int]) -> None:
     assert tile_of(graph, layout="channel") == picked
 
-
-@pytest.mark.parametrize(("graph", "batch"), [
-    (pointwise_net(64, 64, 16), 2),
-    (pointwise_net(16, 32, 12, stride=2), 3),
-    (pointwise_net(128, 128, 8, pooled=True), 1),
-    (pointwise_net(24, 40, 7, pooled=True), 5),
-])
-def test_tiled_channel_pointwise_convolutions_agree_with_the_reference(graph: Graph,
-                                                                       batch: int) -> None:
-    x = np.random.default_rng(batch).standard_normal((batch, *graph.input_shape),
-                                                     dtype=np.float32)
-    model = cnnc.compile(graph, layout="channel", threads=1, use_cache=False)
-    agree(model(x), cnnc.reference(graph, x), graph.name)
