@@ -329,8 +329,10 @@ class Schedule:
 
 
 # A kernel reads its inputs and parameters and writes its outputs; it may read and write an
-# "inout" buffer (a trainer's accumulated gradients, parameters updated in place).
-BufferRole = Literal["input", "output", "param", "inout"]
+# "inout" buffer (a trainer's accumulated gradients, parameters updated in place). A
+# "scratch" buffer is memory only this kernel uses, written before it is read (a staged
+# Winograd convolution's tiles, `cnnc.scratch`).
+BufferRole = Literal["input", "output", "param", "inout", "scratch"]
 BUFFER_ROLES: tuple[BufferRole, ...] = get_args(BufferRole)
 
 
@@ -350,6 +352,7 @@ class Buffer:
     per_image: int = 0  # the user's arrays: batch * per_image floats, whatever the block
     staged: bool = False  # GPU (`cnnc.gpu_bind`): an input a block copies to shared memory
     param_of: str = ""
+    parts: int = 1  # scratch: how many iterations of the top loop have a part of their own
 
 
 # How a bound kernel's threads take the images and points of a batch: neighbouring threads

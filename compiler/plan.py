@@ -25,6 +25,7 @@ class Group:
     window: str | None = None  # the pooling node, if the group has one
     name: str = ""
     schedule: Schedule = field(default_factory=Schedule)
+    scratch: int = 0  # floats per block that only this kernel uses (`cnnc.scratch`)
 
     @property
     def producer(self) -> str:
@@ -33,6 +34,11 @@ class Group:
     @property
     def output(self) -> str:
         return self.nodes[-1]
+
+    @property
+    def scratch_tensor(self) -> str:
+        """The memory plan's name of the group's scratch (not a node's name)."""
+        return f"{self.name}.scratch"
 
 
 @dataclass

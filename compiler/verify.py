@@ -189,7 +189,7 @@ class _Verifier:
                 self.block(stmt.body, bound | {stmt.var}, visible)
             elif isinstance(stmt, Store):
                 role = self.buffers[stmt.buffer].role if stmt.buffer in self.buffers else None
-                if role not in ("output", "inout"):
+                if role not in ("output", "inout", "scratch"):
                     self.fail(f"a store writes {stmt.buffer}, "
                               f"{f'an {role} buffer' if role else 'which is no buffer'}")
                 self.expect(stmt.index, "int", f"the index into {stmt.buffer}", bound, visible)
@@ -252,7 +252,7 @@ class _Verifier:
             return "float"
         if isinstance(node, Load):
             role = self.buffers[node.buffer].role if node.buffer in self.buffers else None
-            if role not in ("input", "param", "inout"):
+            if role not in ("input", "param", "inout", "scratch"):
                 self.fail(f"a load reads {node.buffer}, "
                           f"{f'an {role} buffer' if role else 'which is no buffer'}")
             if parts[0] != "int":

@@ -34,14 +34,15 @@ def conv_net(channels: int, out_channels: int, size: int, pool: str | None = Non
 
 
 def schedules(graph: Graph, cpu: CpuIsa = AVX512, **options: Any) -> dict[str, tuple[int, int]]:
-    """Each kernel's (oc_block, x_block) as the tiling pass picks them."""
-    tiled = run_pipeline(graph, Options(cpu=cpu, **options))
+    """Each kernel's (oc_block, x_block) as the tiling pass picks them for the direct
+    convolution (its Winograd schedules: tests/test_winograd.py)."""
+    tiled = run_pipeline(graph, Options(cpu=cpu, winograd=False, **options))
     return {group.name: (group.schedule.oc_block, group.schedule.x_block)
             for group in tiled.plan.groups}
 
 
 def kernel_text(graph: Graph, cpu: CpuIsa = AVX512) -> str:
-    compiled = run_pipeline(graph, Options(layout="batch", cpu=cpu))
+    compiled = run_pipeline(graph, Options(layout="batch", cpu=cpu, winograd=False))
     return next(kernel for kernel in lower(compiled).kernels
                 if kernel.name.startswith("conv2d")).to_text()
 

@@ -59,7 +59,10 @@ def split_loop(kernel: Kernel, parts: int) -> For | None:
         nodes = []
     else:
         nodes = walk(kernel.body)
-    written = {node.buffer for node in nodes if isinstance(node, Store)}
+    # A scratch buffer is read after it is written, but each iteration of the top loop has
+    # its own part of it (`cnnc.scratch`), so that shares do not meet there.
+    private = {buffer.name for buffer in kernel.buffers if buffer.role == "scratch"}
+    written = {node.buffer for node in nodes if isinstance(node, Store)} - private
     if not nodes or written & {node.buffer for node in nodes if isinstance(node, Load)}:
         return None
     stmt = kernel.body[0]
@@ -71,7 +74,11 @@ def split_loop(kernel: Kernel, parts: int) -> For | None:
         stmt = stmt.body[0]
     wide = [loop for loop in nest if loop.extent >= parts]
     rows = [loop for loop in wide if loop.role == "spatial"]
-    return (rows or wide or [None])[0]
+    loop = (rows or wide or [None])[0]
+    if loop is not None and private and (loop is not kernel.body[0] or any(
+            kernel.buffer(name).parts < loop.extent for name in private)):
+        return None  # shares would meet in the scratch
+    return loop
 
 
 def split_kernel(kernel: Kernel, parts: int) -> Kernel:

@@ -42,6 +42,7 @@ from cnnc.passes.tile import (
     row_tiles_fit,
     window_rows_tiled,
 )
+from cnnc.scratch import WinogradScratch
 
 
 def build(ctx: KernelContext) -> Kernel:
@@ -70,6 +71,8 @@ def pointwise(ctx: KernelContext) -> list[Stmt]:
         block = 1  # a block must not straddle the end, or a group where a tap serves a tile
     channels = layout.tile_channels(Var("cb"), block, width)
     tile = winograd.tile_size(schedule)
+    if tile and ctx.group.scratch:
+        return winograd_staged(ctx, tile)
     if tile:
         inner = winograd_points(ctx, channels, tile)
         return [For("cb", steps // block, inner, role="channel")]
@@ -121,13 +124,31 @@ def _points_outside(ctx: KernelContext) -> bool:
             and group.window is None and is_pointwise_conv(ctx.graph, group.producer))
 
 
-def winograd_points(ctx: KernelContext, channels: list[Expr], m: int) -> list[Stmt]:
+def winograd_staged(ctx: KernelContext, m: int) -> list[Stmt]:
+    """A Winograd kernel on the CPU, row by row of tiles: the inputs' transforms, their
+    products with the weights' (both into the kernel's scratch), then each tile's output
+    transform and epilogue (`winograd_points`), a vector of channels at a time."""
+    graph, layout = ctx.graph, ctx.layout
+    scratch = winograd.staged_scratch(ctx, m)
+    ty = Var("ty")
+    strip = ty if scratch.strips > 1 else Const(0)
+    body = winograd.transform_inputs(ctx, scratch, ty, strip)
+    body += winograd.multiply(ctx, scratch, strip)
+    out_channels = graph.shape(ctx.group.output)[0]
+    channels = layout.tile_channels(Var("cb"), 1, layout.vector(out_channels))
+    body.append(For("cb", layout.channel_steps(out_channels),
+                    winograd_points(ctx, channels, m, (scratch, strip)), role="channel"))
+    return [For(ty.name, scratch.tiles_h, body, role="spatial")]
+
+
+def winograd_points(ctx: KernelContext, channels: list[Expr], m: int,
+                    staged: tuple[WinogradScratch, Expr] | None = None) -> list[Stmt]:
     """The loops over the output tiles of a Winograd kernel (`winograd.tile_size` is m): one
     iteration computes the convolution's m x m tile for the channels, then the elementwise
     ops, the pooling window (which tiles it: `tile.pool_factor`) and the elementwise ops
     after it at each point. Tiles that overhang the output's edge store only their points
     inside; the epilogue's loads there read the edge's points instead, as the stores skip
-    them."""
+    them. `staged` (the scratch and its strip): the tiles of one row, from the sums there."""
     graph, group = ctx.graph, ctx.group
     conv_h, conv_w = graph.shape(group.producer)[1:]
     out_h, out_w = graph.shape(group.output)[1:]
@@ -135,7 +156,11 @@ def winograd_points(ctx: KernelContext, channels: list[Expr], m: int) -> list[St
     side = m // factor  # points of the group's output per tile side
     ty, tx = Var("ty"), Var("tx")
     stmts: list[Stmt] = []
-    values = winograd.conv2d_tile(ctx, group.producer, channels, [ty * m, tx * m], m, stmts)
+    if staged is None:
+        values = winograd.conv2d_tile(ctx, group.producer, channels, [ty * m, tx * m], m,
+                                      stmts)
+    else:
+        values = winograd.staged_tile(ctx, *staged, tx, channels, stmts)
     conv_spots = [[_clamped(ty * m + i, conv_h, m), _clamped(tx * m + j, conv_w, m)]
                   for i in range(m) for j in range(m)]
     window = group.window
@@ -170,6 +195,8 @@ def winograd_points(ctx: KernelContext, channels: list[Expr], m: int) -> list[St
     body: list[Stmt] = [For("lane", ctx.layout.vector(graph.shape(group.output)[0]), stmts,
                             "vectorized", role="lane")]
     body = [For(tx.name, -(-out_w // side), body, role="spatial")]
+    if staged is not None:
+        return body
     return [For(ty.name, -(-out_h // side), body, role="spatial")]
 
 

@@ -28,6 +28,9 @@ class Options:
     arch: str | None = None  # CUDA architecture (sm_XX); None: the GPU present, else sm_90
     fast_math: bool = False
     check_bounds: bool = False  # debug: generated code checks every load and store
+    # The heuristic may compute a convolution by Winograd, whose weights are transformed at
+    # compile time; a trainer's kernels read the live weights, so training turns it off.
+    winograd: bool = True
     cpu: CpuIsa | None = None  # the CPU's registers, for "llvm"; None on a GPU target
 
     def __post_init__(self) -> None:

@@ -2,7 +2,8 @@
 
 Offsets count floats within one batch block's arena; each thread has an arena of its own.
 A tensor lives from the kernel that writes it to the last kernel that reads it; the model's
-outputs live to the end. First fit over lifetimes, each tensor aligned to 64 bytes.
+outputs live to the end; a kernel's scratch (`Group.scratch`) lives while it runs. First fit
+over lifetimes, each tensor aligned to 64 bytes.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ def plan_memory(graph: Graph, options: Options, reuse: bool = True) -> Graph:
     layout = layout_of(graph)
     lifetimes = tensor_lifetimes(graph)
     sizes = {tensor: layout.floats(graph.shape(tensor)) for tensor in lifetimes}
+    for index, group in enumerate(graph.plan.groups):
+        if group.scratch:  # memory that only this kernel uses, while it runs
+            lifetimes[group.scratch_tensor] = (index, index)
+            sizes[group.scratch_tensor] = group.scratch
     offsets: dict[str, int] = {}
     for tensor in sorted(lifetimes, key=lambda name: (lifetimes[name][0], name)):
         born, dies = lifetimes[tensor]

@@ -28,6 +28,7 @@ from cnnc.schedule_file import (
     check_fits,
     check_names,
 )
+from cnnc.scratch import winograd_scratch
 from cnnc.target import DEFAULT_GPU_ARCH, CpuIsa, GpuArch, gpu_arch
 from cnnc.util import ceil_div
 
@@ -38,6 +39,10 @@ GPU_UNROLL_MAX = 8  # reduction loops up to this long are fully unrolled on the 
 GPU_MIN_POINTS = 64  # threads wanted per image, so that a small batch still fills warps
 GPU_MAX_BLOCK = 256
 WINOGRAD_TILES = (2, 4)  # F(2x2,3x3) and F(4x4,3x3); 0 is the direct convolution
+# The heuristic's Winograd on the CPU: F(4x4) is faster still, but rounds up to the float32
+# tolerance (docs/performance.md); schedule files and `cnnc tune` may pick it.
+WINOGRAD_HEURISTIC = 2
+WINOGRAD_MIN_CHANNELS = 16  # narrower: the transforms outweigh the products (vgg_bn's 3 -> 32)
 STREAMED_WEIGHT_BYTES = 1 << 20  # a dense layer's weights past this stream from memory
 DENSE_CHANNEL_BLOCKS = 4  # channel blocks kept by such a layer, for batch 1's threads
 FEW_INPUT_CHANNELS = 4  # a channel-layout conv this narrow unrolls its padded window
@@ -70,6 +75,8 @@ def tile(graph: Graph, options: Options) -> Graph:
         if options.target in GPU_TARGETS:
             picked = _gpu_schedule(graph, group, picked, channels,
                                    gpu_arch(options.arch or DEFAULT_GPU_ARCH))
+        elif options.cpu is not None and options.winograd and winograd_pays(graph, group):
+            picked = _winograd_schedule(graph, group, picked, layout, options.cpu)
         elif options.cpu is not None and is_depthwise(graph, producer):
             picked = _depthwise_schedule(graph, group, picked, layout, options.cpu)
         elif options.cpu is not None and is_pointwise_conv(graph, producer):
@@ -97,6 +104,13 @@ def tile(graph: Graph, options: Options) -> Graph:
         if group.schedule.winograd not in (0, *facts.winograd):
             # Asked of every kernel ("*"): those Winograd does not compute stay direct.
             group.schedule = group.schedule.replace(winograd=0)
+        group.scratch = 0
+        m = group.schedule.winograd
+        if m and options.target not in GPU_TARGETS:
+            # On the CPU, Winograd runs staged, through memory of the kernel's own.
+            in_channels = graph.shape(graph.operands(producer)[0])[0]
+            group.scratch = winograd_scratch(layout, m, winograd_grid(graph, group, m),
+                                             in_channels, graph.shape(producer)[0]).floats
     check_names(schedules, kernels, signatures, layout.kind, graph.name)
     return graph
 
@@ -264,6 +278,42 @@ def winograd_tiles(graph: Graph, group: Group) -> tuple[int, ...]:
         return ()
     factor = pool_factor(graph, group)
     return tuple(m for m in WINOGRAD_TILES if factor and m % factor == 0)
+
+
+def winograd_pays(graph: Graph, group: Group) -> bool:
+    """Whether the CPU heuristic computes `group`'s convolution by F(2x2, 3x3): where it
+    applies and both channel counts are at least WINOGRAD_MIN_CHANNELS. It depends on the
+    shapes alone, so that both layouts compute the kernel alike (the same bits)."""
+    if WINOGRAD_HEURISTIC not in winograd_tiles(graph, group):
+        return False
+    producer = group.producer
+    in_channels = graph.shape(graph.operands(producer)[0])[0]
+    return min(in_channels, graph.shape(producer)[0]) >= WINOGRAD_MIN_CHANNELS
+
+
+def _winograd_schedule(graph: Graph, group: Group, picked: Schedule, layout: Layout,
+                       cpu: CpuIsa) -> Schedule:
+    """F(2x2, 3x3), staged (`cnnc.lower.winograd`): its products' register tile takes
+    `x_block` tiles of a row by `oc_block` channel steps, `broadcast_tile` accumulators in
+    all. With one image a block the tiles' values are the broadcast operand and up to half
+    the tile; with the batch layout's, the weights are, and a quarter (measured on vgg_bn's
+    convolutions, the best of 16 shapes: 8 x 2, 4 x 4 and 2 x 8 in the channel layout,
+    4 x 4 and 2 x 8 in the batch layout)."""
+    m = WINOGRAD_HEURISTIC
+    budget = cpu.broadcast_tile
+    most = budget // 2 if layout.images_per_block == 1 else budget // 4
+    x_block = _largest_divisor(winograd_grid(graph, group, m)[1], most)
+    steps = layout.channel_steps(graph.shape(group.producer)[0])
+    oc_block = _largest_divisor(steps, max(1, budget // x_block))
+    return picked.replace(winograd=m, oc_block=oc_block, x_block=x_block)
+
+
+def winograd_grid(graph: Graph, group: Group, m: int) -> tuple[int, int]:
+    """The rows and columns of F(m x m) tiles that `group`'s kernel computes: as many as
+    cover its output, each tile giving m / `pool_factor` points of it a side."""
+    side = m // pool_factor(graph, group)
+    out_h, out_w = graph.shape(group.output)[1:]
+    return ceil_div(out_h, side), ceil_div(out_w, side)
 
 
 def pool_factor(graph: Graph, group: Group) -> int:

@@ -172,7 +172,7 @@ class Builder:
     and what is placed where. `backward` walks the graph through it."""
 
     def __init__(self, graph: Graph, batch_size: int) -> None:
-        options = Options(layout="batch")
+        options = Options(layout="batch", winograd=False)
         self.graph = run_pipeline(graph, options, ("fold_batchnorm", "fuse", "tile",
                                                    "plan_memory"))
         self.graph.plan.groups = _name(fuse_activations(self.graph), self.graph)
