@@ -230,3 +230,11 @@ def test_tune_tries_winograd_only_where_it_applies(zoo: Path) -> None:
     assert {schedule["winograd"] for schedule in conv} == {0, 2, 4}
     dense = list(candidates(model, "channel", 6, seed=0))  # type: ignore[arg-type]
     assert {schedule["winograd"] for schedule in dense} == {0}
+
+
+def test_winograd_switched_off_by_a_schedule_gets_the_direct_tile(zoo: Path) -> None:
+    graph = cnnc.load(zoo / "vgg_bn.yaml")
+    off = run_pipeline(graph, Options(layout="channel", schedules={"*": {"winograd": 0}}))
+    direct = run_pipeline(graph, Options(layout="channel", winograd=False))
+    assert [group.schedule for group in off.plan.groups] == \
+        [group.schedule for group in direct.plan.groups]

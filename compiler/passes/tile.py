@@ -75,8 +75,6 @@ def tile(graph: Graph, options: Options) -> Graph:
         if options.target in GPU_TARGETS:
             picked = _gpu_schedule(graph, group, picked, channels,
                                    gpu_arch(options.arch or DEFAULT_GPU_ARCH))
-        elif options.cpu is not None and options.winograd and winograd_pays(graph, group):
-            picked = _winograd_schedule(graph, group, picked, layout, options.cpu)
         elif options.cpu is not None and is_depthwise(graph, producer):
             picked = _depthwise_schedule(graph, group, picked, layout, options.cpu)
         elif options.cpu is not None and is_pointwise_conv(graph, producer):
@@ -89,6 +87,9 @@ def tile(graph: Graph, options: Options) -> Graph:
         elif options.cpu is not None and layout.kind == "channel" \
                 and graph.op(producer) == "dense":
             picked = _channel_dense_schedule(graph, group, picked, layout, options.cpu)
+        direct = picked
+        if options.cpu is not None and options.winograd and winograd_pays(graph, group):
+            picked = _winograd_schedule(graph, group, picked, layout, options.cpu)
         facts = kernel_facts(graph, group)
         kernels.append(facts)
         # Overrides: for every kernel ("*"), by name, then a tuned record for exactly this
@@ -101,6 +102,8 @@ def tile(graph: Graph, options: Options) -> Graph:
                 check_fits(line, facts)
             overrides.update(schedules.get(key, {}))
         group.schedule = picked.replace(**overrides)
+        if picked.winograd and not group.schedule.winograd:  # switched off: the direct tile
+            group.schedule = direct.replace(**overrides)
         if group.schedule.winograd not in (0, *facts.winograd):
             # Asked of every kernel ("*"): those Winograd does not compute stay direct.
             group.schedule = group.schedule.replace(winograd=0)
@@ -293,12 +296,9 @@ def winograd_pays(graph: Graph, group: Group) -> bool:
 
 def _winograd_schedule(graph: Graph, group: Group, picked: Schedule, layout: Layout,
                        cpu: CpuIsa) -> Schedule:
-    """F(2x2, 3x3), staged (`cnnc.lower.winograd`): its products' register tile takes
-    `x_block` tiles of a row by `oc_block` channel steps, `broadcast_tile` accumulators in
-    all. With one image a block the tiles' values are the broadcast operand and up to half
-    the tile; with the batch layout's, the weights are, and a quarter (measured on vgg_bn's
-    convolutions, the best of 16 shapes: 8 x 2, 4 x 4 and 2 x 8 in the channel layout,
-    4 x 4 and 2 x 8 in the batch layout)."""
+    """F(2x2, 3x3), staged: its products' register tile, `x_block` tiles by `oc_block`
+    channel steps, holds `broadcast_tile` accumulators, up to half of them tiles with one
+    image a block, a quarter in the batch layout (the best of 16 shapes on vgg_bn)."""
     m = WINOGRAD_HEURISTIC
     budget = cpu.broadcast_tile
     most = budget // 2 if layout.images_per_block == 1 else budget // 4
