@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cnnc.graph import Graph
 from cnnc.kernel import Expr
 from cnnc.layouts import LANE, Layout
+from cnnc.plan import Group
 
 
 @dataclass(frozen=True)
@@ -58,13 +60,16 @@ class WinogradScratch:
         return flat + base if base else flat
 
 
-def winograd_scratch(layout: Layout, m: int, grid: tuple[int, int], in_channels: int,
-                     out_channels: int) -> WinogradScratch:
-    """The scratch of a staged F(m x m, 3 x 3) over `grid` (rows, columns of tiles) in
-    `layout`."""
+def winograd_scratch(graph: Graph, group: Group, layout: Layout,
+                     grid: tuple[int, int]) -> WinogradScratch:
+    """The scratch of `group`'s kernel, a staged F(m x m, 3 x 3) (m: its schedule's) over
+    `grid` (rows, columns of tiles, `tile.winograd_grid`) in `layout`."""
     one_image = layout.images_per_block == 1
-    return WinogradScratch(m, grid[0], grid[1], grid[0] if one_image else 1,
-                           layout.channels(in_channels), layout.channels(out_channels),
+    producer = group.producer
+    in_channels = graph.shape(graph.operands(producer)[0])[0]
+    return WinogradScratch(group.schedule.winograd, grid[0], grid[1],
+                           grid[0] if one_image else 1, layout.channels(in_channels),
+                           layout.channels(graph.shape(producer)[0]),
                            1 if one_image else layout.vector_width)
 
 

@@ -183,9 +183,7 @@ def _patch(ctx: KernelContext, ic: Expr, origin: list[Expr], m: int, grid: tuple
 def staged_scratch(ctx: KernelContext, m: int) -> WinogradScratch:
     """The kernel's scratch (the tiling pass sized `Group.scratch` by the same geometry)."""
     graph, group = ctx.graph, ctx.group
-    source = graph.operands(group.producer)[0]
-    scratch = winograd_scratch(ctx.layout, m, winograd_grid(graph, group, m),
-                               graph.shape(source)[0], graph.shape(group.producer)[0])
+    scratch = winograd_scratch(graph, group, ctx.layout, winograd_grid(graph, group, m))
     assert scratch.floats == group.scratch, (scratch.floats, group.scratch)
     ctx.buffers.append(Buffer(SCRATCH, scratch.floats, "scratch", parts=scratch.strips))
     ctx.bindings[SCRATCH] = group.scratch_tensor

@@ -111,9 +111,8 @@ def tile(graph: Graph, options: Options) -> Graph:
         m = group.schedule.winograd
         if m and options.target not in GPU_TARGETS:
             # On the CPU, Winograd runs staged, through memory of the kernel's own.
-            in_channels = graph.shape(graph.operands(producer)[0])[0]
-            group.scratch = winograd_scratch(layout, m, winograd_grid(graph, group, m),
-                                             in_channels, graph.shape(producer)[0]).floats
+            grid = winograd_grid(graph, group, m)
+            group.scratch = winograd_scratch(graph, group, layout, grid).floats
     check_names(schedules, kernels, signatures, layout.kind, graph.name)
     return graph
 
